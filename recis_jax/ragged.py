@@ -245,7 +245,7 @@ class Ragged:
         return cls(vals, splits, w)
 
     @classmethod
-    def from_arrow(cls, array, capacity: int | None = None, value_dtype=None) -> "Ragged":
+    def from_arrow(cls, array, capacity: int | None = None, value_dtype=None, values_fn=None) -> "Ragged":
         """Builds a host Ragged from a pyarrow (Large)ListArray or ChunkedArray of lists.
 
         Null lists become empty rows (missing = empty). Null *values* inside a list are
@@ -253,6 +253,8 @@ class Ragged:
         layer catches it and names the file and column. The values buffer is shared with
         arrow (zero-copy) when the list is unsliced, has no nulls and no padding is asked.
         Lists of lists give the 2-level form (`capacity` then counts inner rows).
+        `values_fn(child: pa.Array) -> np.ndarray`, if given, converts the innermost
+        values (e.g. hashes strings); by default they become a numpy array.
         """
         if isinstance(array, pa.ChunkedArray):
             array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
@@ -272,13 +274,13 @@ class Ragged:
                 offsets = offsets - first
         n = int(offsets[-1])
         if isinstance(child.type, (pa.ListType, pa.LargeListType)):
-            inner = cls.from_arrow(child, value_dtype=value_dtype)
+            inner = cls.from_arrow(child, value_dtype=value_dtype, values_fn=values_fn)
             cap = n if capacity is None else int(capacity)
             inner = inner.pad(cap, axis="rows")
             return cls(inner, offsets.astype(splits_dtype(cap)))
         if child.null_count:
             raise ValueError(f"Ragged.from_arrow: {child.null_count} null values inside lists")
-        vals = child.to_numpy(zero_copy_only=False)
+        vals = child.to_numpy(zero_copy_only=False) if values_fn is None else values_fn(child)
         if value_dtype is not None and vals.dtype != np.dtype(value_dtype):
             vals = vals.astype(value_dtype)
         cap = n if capacity is None else int(capacity)
@@ -345,3 +347,33 @@ def _scatter(xp, out, dest, src):
         out[dest[keep]] = src[keep]
         return out
     return out.at[dest].set(src, mode="drop")
+
+
+def slice_rows(r: Ragged, start: int, stop: int) -> Ragged:
+    """Host: rows [start, stop) of a numpy Ragged, with exact capacity (a copy-free view
+    of the values where possible)."""
+    s = np.asarray(r.row_splits, np.int64)
+    lo, hi = int(s[start]), int(s[stop])
+    splits = (s[start:stop + 1] - lo).astype(r.row_splits.dtype)
+    if isinstance(r.values, Ragged):
+        return Ragged(slice_rows(r.values, lo, hi), splits)
+    w = None if r.weights is None else r.weights[lo:hi]
+    return Ragged(r.values[lo:hi], splits, w)
+
+
+def concat_rows(parts: Sequence[Ragged]) -> Ragged:
+    """Host: stacks the rows of numpy Raggeds (live values only, exact capacity)."""
+    if len(parts) == 1:
+        return parts[0]
+    counts = [int(p.row_splits[-1]) for p in parts]
+    offsets = np.cumsum([0] + counts[:-1])
+    splits = np.concatenate([np.zeros(1, np.int64)] + [
+        np.asarray(p.row_splits[1:], np.int64) + o for p, o in zip(parts, offsets)])
+    if isinstance(parts[0].values, Ragged):
+        inner = concat_rows([slice_rows(p.values, 0, c) for p, c in zip(parts, counts)])
+        return Ragged(inner, splits.astype(splits_dtype(inner.nrows)))
+    vals = np.concatenate([p.values[:c] for p, c in zip(parts, counts)])
+    w = None
+    if parts[0].weights is not None:
+        w = np.concatenate([p.weights[:c] for p, c in zip(parts, counts)])
+    return Ragged(vals, splits.astype(splits_dtype(len(vals))), w)
