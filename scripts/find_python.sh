@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Prints the path of a Python >= 3.12 (jax 0.11 needs it), or fails with a clear message.
-# Tries $PYTHON, python3.13, python3.12, python3, then pyenv's installed versions.
+# Tries $PYTHON, python3.12 (the GPU image's), python3.13, python3, then pyenv's versions.
 set -u
 ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; }
-candidates=("${PYTHON:-}" python3.13 python3.12 python3)
+candidates=("${PYTHON:-}" python3.12 python3.13 python3)
 if command -v pyenv >/dev/null 2>&1; then
   for v in $(pyenv versions --bare 2>/dev/null | sort -rV); do
     candidates+=("$(pyenv root)/versions/$v/bin/python3")

@@ -55,7 +55,7 @@ def list_files(paths: str | Sequence[str], format: str | None = None) -> list[st
                 os.path.join(root, f)
                 for root, _, names in os.walk(p)
                 for f in names
-                if not f.startswith((".", "_")) and _format_of(f, format) is not None
+                if not f.startswith((".", "_")) and _format_of(f, None) in ((format,) if format else FORMATS)
             ]
             if not found:
                 raise DataError(f"{p}: directory holds no .orc/.parquet files")
@@ -121,7 +121,7 @@ def read_unit(info: FileInfo, unit: int, columns: Sequence[str]) -> pa.Table:
     """Reads one stripe / row group of `columns`. Raises DataError naming the file."""
     try:
         if info.format == "parquet":
-            table = pq.ParquetFile(info.path).read_row_group(unit, columns=list(columns))
+            table = pq.ParquetFile(info.path).read_row_group(unit, columns=list(columns), use_threads=False)
         else:
             batch = orc.ORCFile(info.path).read_stripe(unit, columns=list(columns))
             table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
