@@ -303,3 +303,18 @@ def test_recis_deepfm_orc_files(real_data):
     assert b0.features["c26"].to_lists()[:50] == t.column("c26").to_pylist()[:50]
     labels = np.concatenate([b.features["label"][b.mask, 0] for b in batches])
     assert set(np.unique(labels)) <= {0.0, 1.0}
+
+
+def test_string_columns_hash_to_recis_values(tmp_path):
+    t = pa.table({"s": pa.array(["hello", None, ""]), "l": pa.array([["hello", ""], [], None])})
+    h = read_one(tmp_path, t, [VarLenFeature("s", hash_type="farm", hash_bucket=None),
+                               VarLenFeature("l", hash_type="murmur", hash_bucket=None),
+                               VarLenFeature("sb", column="s", hash_type="farm", hash_bucket=1000),
+                               VarLenFeature("sm", column="s", hash_type="farm"),
+                               VarLenFeature("raw", column="s", dtype="bytes")])
+    farm_hello, farm_empty = -5436999610281751320, -7286425919675154353
+    assert h.features["s"].to_lists() == [[farm_hello], [], [farm_empty]]
+    assert h.features["l"].to_lists() == [[2191231550387646743, 0], [], []]
+    assert h.features["sb"].to_lists() == [[farm_hello % 2**64 % 1000], [], [farm_empty % 2**64 % 1000]]
+    assert h.features["sm"].to_lists() == [[farm_hello & (2**63 - 1)], [], [farm_empty & (2**63 - 1)]]
+    assert h.features["raw"].to_lists() == [[b"hello"], [], [b""]]
