@@ -1,0 +1,392 @@
+"""Collision-free dynamic hashtable: int64 IDs -> rows of a preallocated slab.
+
+The table is *state*, a pytree of arrays passed into and returned from the jitted step
+(donated, so updates happen in place). Two parts:
+
+  index (S slots, S a power of two, load kept <= ~0.5 by the host):
+    slot_keys int64 [S], slot_tables int32 [S] - the exact key (table index, id)
+    slot_rows int32 [S] - the slab row of a live slot
+    slot_state int8 [S] - EMPTY / LIVE / TOMBSTONE (occupancy lives apart from keys, so
+                          every int64, -1 and INT64_MIN included, is a valid ID)
+    slot_claim int32 [S] - scratch for deterministic insert contention (always NO_LANE
+                          between calls)
+  rows (R rows, fixed at creation from a memory budget; never copied to grow):
+    embedding [R, dim] (float32 or bfloat16), optimizer slots {name: [R, ...]} and
+    their initial row values slot_defaults {name: [...]},
+    row_keys int64 [R], row_tables int32 [R], row_slot int32 [R], row_live bool [R],
+    last_seen int32 [R] (step of the last lookup), count int64 [R] (occurrences),
+    free_rows int32 [R] (a stack; free_rows[:num_free] are free), num_free, num_tombstones,
+    step int32 (this table's optimizer step counter)
+
+Open addressing with linear probing from a splitmix64 hash of (table, id). Lookups and
+inserts are vectorised `while_loop`s over the batch's lanes, bounded by `max_probes`:
+work per call is proportional to the batch, never to S or R. Inserts place keys in
+rounds; when several lanes want one free slot, the lowest lane wins (scatter-min on the
+claim scratch), so placement is deterministic. Row ids come from the free stack in lane
+order. If the rows or the probes run out, *nothing* is written (claimed slots are
+restored) and the call reports overflow; the host grows the index (`rebuild_index`) or
+evicts, then reruns the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recis_jax.embedding.initializers import Initializer, initial_rows
+
+EMPTY, LIVE, TOMBSTONE = 0, 1, 2
+NO_LANE = np.iinfo(np.int32).max
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableConfig:
+    """Static description of one physical table (hashable: a jit static argument).
+
+    name: table name; dim: embedding width; dtype: storage ("float32" | "bfloat16",
+    optimizer math is float32 either way); initializer, seed: new-row values;
+    max_probes: longest probe sequence before an insert reports overflow.
+    """
+
+    name: str
+    dim: int
+    dtype: str = "float32"
+    initializer: Initializer = Initializer()
+    seed: int = 0
+    max_probes: int = 128
+
+    def __post_init__(self):
+        if self.dim < 1:
+            raise ValueError(f"table {self.name!r}: dim must be >= 1, got {self.dim}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"table {self.name!r}: dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.max_probes < 1:
+            raise ValueError(f"table {self.name!r}: max_probes must be >= 1")
+
+
+class HashTableState(NamedTuple):
+    """See the module docstring for every field."""
+
+    slot_keys: jax.Array
+    slot_tables: jax.Array
+    slot_rows: jax.Array
+    slot_state: jax.Array
+    slot_claim: jax.Array
+    embedding: jax.Array
+    slots: dict
+    slot_defaults: dict
+    row_keys: jax.Array
+    row_tables: jax.Array
+    row_slot: jax.Array
+    row_live: jax.Array
+    last_seen: jax.Array
+    count: jax.Array
+    free_rows: jax.Array
+    num_free: jax.Array
+    num_tombstones: jax.Array
+    step: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        """Slab rows R (static)."""
+        return self.embedding.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        """Index slots S (static)."""
+        return self.slot_keys.shape[0]
+
+
+def bytes_per_row(dim: int, dtype: str = "float32", slot_floats_per_row: int = 0, slots_per_row: float = 2.0) -> float:
+    """Device bytes per slab row: embedding + optimizer slot floats + row metadata
+    (key 8, table 4, slot 4, live 1, last_seen 4, count 8, free 4) + index slots per row
+    (key 8, table 4, row 4, state 1, claim 4 = 21 bytes each)."""
+    emb = dim * (2 if dtype == "bfloat16" else 4)
+    return emb + 4 * slot_floats_per_row + 33 + 21 * slots_per_row
+
+
+def create(config: TableConfig, num_rows: int, num_slots: int | None = None, slot_init: dict | None = None
+           ) -> HashTableState:
+    """An empty table with R = num_rows slab rows and S index slots (default the power of
+    two >= 2R, load <= 0.5 when full).
+
+    slot_init: optimizer slots for the whole slab, {name: [R, ...]} (from the sparse
+    optimizer's `init`), or None. Their row 0 is kept as the value a reused row's
+    slots are reset to.
+    """
+    if num_rows < 1:
+        raise ValueError(f"table {config.name!r}: num_rows must be >= 1")
+    s = _pow2(num_slots if num_slots is not None else 2 * num_rows)
+    dt = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    return HashTableState(
+        slot_keys=jnp.zeros(s, jnp.int64),
+        slot_tables=jnp.zeros(s, jnp.int32),
+        slot_rows=jnp.zeros(s, jnp.int32),
+        slot_state=jnp.zeros(s, jnp.int8),
+        slot_claim=jnp.full(s, NO_LANE, jnp.int32),
+        embedding=jnp.zeros((num_rows, config.dim), dt),
+        slots=dict(slot_init or {}),
+        slot_defaults={name: v[0] for name, v in (slot_init or {}).items()},
+        row_keys=jnp.zeros(num_rows, jnp.int64),
+        row_tables=jnp.zeros(num_rows, jnp.int32),
+        row_slot=jnp.zeros(num_rows, jnp.int32),
+        row_live=jnp.zeros(num_rows, bool),
+        last_seen=jnp.zeros(num_rows, jnp.int32),
+        count=jnp.zeros(num_rows, jnp.int64),
+        # Popped from the top: rows are handed out 0, 1, 2, ... in a fresh table.
+        free_rows=jnp.arange(num_rows - 1, -1, -1, dtype=jnp.int32),
+        num_free=jnp.asarray(num_rows, jnp.int32),
+        num_tombstones=jnp.asarray(0, jnp.int32),
+        step=jnp.asarray(0, jnp.int32),
+    )
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 1).bit_length()
+
+
+def home_slot(tables: jax.Array, keys: jax.Array, num_slots: int) -> jax.Array:
+    """int32 [N] first probe position: splitmix64(id ^ table * golden) mod S."""
+    x = jax.lax.bitcast_convert_type(keys.astype(jnp.int64), jnp.uint64)
+    x = x ^ (tables.astype(jnp.uint64) * _GOLDEN)
+    x = (x ^ (x >> 30)) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> 27)) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> 31)
+    return (x & np.uint64(num_slots - 1)).astype(jnp.int32)
+
+
+class FindResult(NamedTuple):
+    """rows int32 [N] (0 where not found), found bool [N], slot int32 [N] (-1 if not)."""
+
+    rows: jax.Array
+    found: jax.Array
+    slot: jax.Array
+
+
+def find(state: HashTableState, tables: jax.Array, keys: jax.Array, valid: jax.Array,
+         max_probes: int = 128) -> FindResult:
+    """Read-only lookup of (tables [N] int32, keys [N] int64) where valid [N]."""
+    s = state.num_slots
+    pos0 = home_slot(tables, keys, s)
+    n = keys.shape[0]
+
+    def cond(c):
+        i, _, active, _, _ = c
+        return (i < max_probes) & (jnp.sum(active) > 0)
+
+    def body(c):
+        i, pos, active, slot, found = c
+        st = state.slot_state[pos]
+        hit = active & (st == LIVE) & (state.slot_keys[pos] == keys) & (state.slot_tables[pos] == tables)
+        # An empty slot ends the chain; tombstones are stepped over.
+        active = active & ~hit & (st != EMPTY)
+        return i + 1, (pos + 1) & (s - 1), active, jnp.where(hit, pos, slot), found | hit
+
+    init = (jnp.int32(0), pos0, valid, jnp.full(n, -1, jnp.int32), jnp.zeros(n, bool))
+    _, _, _, slot, found = jax.lax.while_loop(cond, body, init)
+    rows = jnp.where(found, state.slot_rows[jnp.maximum(slot, 0)], 0)
+    return FindResult(rows, found, slot)
+
+
+class InsertResult(NamedTuple):
+    """rows int32 [N] for valid lanes (found or new), is_new bool [N], overflow bool
+    (nothing was written), num_new int32 (inserted; 0 on overflow)."""
+
+    rows: jax.Array
+    is_new: jax.Array
+    overflow: jax.Array
+    num_new: jax.Array
+
+
+def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array, keys: jax.Array,
+                   valid: jax.Array, counts: jax.Array | None = None, admit: jax.Array | None = None
+                   ) -> tuple[HashTableState, InsertResult]:
+    """Finds keys and inserts the missing ones, all on the device.
+
+    Args:
+      tables [N] int32, keys [N] int64: the keys, unique among valid lanes (dedup first,
+        e.g. with `embedding.dedup.unique_keys`); ordering the lanes (as the dedup does)
+        makes placement deterministic.
+      valid [N] bool: lanes to process.
+      counts [N] int: occurrences per key this step (LFU counts; default 1).
+      admit [N] bool: missing keys that may get a row (admission); others are left out
+        and reported as not found (rows 0, is_new False). Default: all.
+    Marks every found or inserted row as seen at `state.step` and adds its count. On
+    overflow (rows or probes exhausted) returns the state unchanged.
+    """
+    n = keys.shape[0]
+    found = find(state, tables, keys, valid, config.max_probes)
+    need = valid & ~found.found
+    if admit is not None:
+        need = need & admit
+    num_new = jnp.sum(need, dtype=jnp.int32)
+    rows_overflow = num_new > state.num_free
+    need = need & ~rows_overflow
+    rank = jnp.cumsum(need, dtype=jnp.int32) - 1
+    new_rows = state.free_rows[jnp.clip(state.num_free - 1 - rank, 0, state.capacity - 1)]
+
+    index, placed, prev, probe_overflow = _claim_slots(state, tables, keys, new_rows, need, config.max_probes)
+    overflow = rows_overflow | probe_overflow
+    index = _restore_if(overflow, index, placed, prev)
+    ok = need & ~overflow
+    state = state._replace(**index)
+
+    # Row writes: new rows only, out-of-range target for masked lanes (dropped).
+    r = state.capacity
+    tgt = jnp.where(ok, new_rows, r)
+    init = initial_rows(config.initializer, tables, keys, config.dim, config.seed)
+    slots = {name: v.at[tgt].set(jnp.broadcast_to(state.slot_defaults[name], (n,) + v.shape[1:]), mode="drop")
+             for name, v in state.slots.items()}
+    state = state._replace(
+        embedding=state.embedding.at[tgt].set(init.astype(state.embedding.dtype), mode="drop"),
+        slots=slots,
+        row_keys=state.row_keys.at[tgt].set(keys, mode="drop"),
+        row_tables=state.row_tables.at[tgt].set(tables, mode="drop"),
+        row_slot=state.row_slot.at[tgt].set(placed, mode="drop"),
+        row_live=state.row_live.at[tgt].set(True, mode="drop"),
+        num_free=state.num_free - jnp.where(overflow, 0, num_new),
+    )
+    rows = jnp.where(found.found, found.rows, jnp.where(ok, new_rows, 0))
+    seen = (found.found | ok) & ~overflow
+    tgt = jnp.where(seen, rows, r)
+    c = jnp.ones(n, jnp.int64) if counts is None else counts.astype(jnp.int64)
+    state = state._replace(
+        last_seen=state.last_seen.at[tgt].set(state.step, mode="drop"),
+        count=state.count.at[tgt].add(c, mode="drop"),
+    )
+    return state, InsertResult(rows, ok, overflow, jnp.where(overflow, 0, num_new))
+
+
+def _claim_slots(state, tables, keys, new_rows, need, max_probes):
+    """Places the `need` lanes into free (EMPTY or TOMBSTONE) slots, lowest lane first.
+
+    Returns (index arrays dict, placed slot per lane (-1 if none), overflow)."""
+    s = state.num_slots
+    n = keys.shape[0]
+    lane = jnp.arange(n, dtype=jnp.int32)
+
+    def cond(c):
+        i, _, active, *_ = c
+        return (i < max_probes) & (jnp.sum(active) > 0)
+
+    def body(c):
+        i, pos, active, placed, prev, sk, stb, sr, sst, claim = c
+        free = active & (sst[pos] != LIVE)
+        tgt = jnp.where(free, pos, s)
+        claim = claim.at[tgt].min(lane, mode="drop")
+        won = free & (claim[pos] == lane)
+        claim = claim.at[tgt].set(NO_LANE, mode="drop")  # scratch back to NO_LANE
+        # Remember what the won slot held, to restore it on overflow.
+        prev = tuple(jnp.where(won, a[pos], p) for a, p in zip((sk, stb, sr, sst), prev))
+        w = jnp.where(won, pos, s)
+        sk = sk.at[w].set(keys, mode="drop")
+        stb = stb.at[w].set(tables, mode="drop")
+        sr = sr.at[w].set(new_rows, mode="drop")
+        sst = sst.at[w].set(jnp.int8(LIVE), mode="drop")
+        placed = jnp.where(won, pos, placed)
+        active = active & ~won
+        pos = jnp.where(active, (pos + 1) & (s - 1), pos)
+        return i + 1, pos, active, placed, prev, sk, stb, sr, sst, claim
+
+    prev0 = (jnp.zeros(n, jnp.int64), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int8))
+    init = (jnp.int32(0), home_slot(tables, keys, s), need, jnp.full(n, -1, jnp.int32), prev0, state.slot_keys,
+            state.slot_tables, state.slot_rows, state.slot_state, state.slot_claim)
+    _, _, active, placed, prev, sk, stb, sr, sst, claim = jax.lax.while_loop(cond, body, init)
+    index = dict(slot_keys=sk, slot_tables=stb, slot_rows=sr, slot_state=sst, slot_claim=claim)
+    return index, placed, prev, jnp.sum(active) > 0
+
+
+def _restore_if(overflow, index: dict, placed, prev):
+    """On overflow, writes the pre-call values back into the slots this call claimed
+    (O(N), not O(S)): the index comes back bit-identical."""
+    s = index["slot_keys"].shape[0]
+    tgt = jnp.where(overflow & (placed >= 0), placed, s)
+    out = dict(index)
+    for name, p in zip(("slot_keys", "slot_tables", "slot_rows", "slot_state"), prev):
+        out[name] = index[name].at[tgt].set(p, mode="drop")
+    return out
+
+
+def insert(config: TableConfig, state: HashTableState, tables: jax.Array, keys: jax.Array, valid: jax.Array,
+           embedding: jax.Array | None = None, slots: dict | None = None
+           ) -> tuple[HashTableState, InsertResult]:
+    """find_or_insert, then (optionally) overwrite the rows of all valid keys with given
+    values: embedding [N, dim], slots {name: [N, ...]} (e.g. restoring a checkpoint)."""
+    state, res = find_or_insert(config, state, tables, keys, valid)
+    tgt = jnp.where(valid & ~res.overflow, res.rows, state.capacity)
+    if embedding is not None:
+        state = state._replace(embedding=state.embedding.at[tgt].set(embedding.astype(state.embedding.dtype),
+                                                                     mode="drop"))
+    if slots:
+        state = state._replace(slots={k: v.at[tgt].set(slots[k].astype(v.dtype), mode="drop") if k in slots else v
+                                      for k, v in state.slots.items()})
+    return state, res
+
+
+def delete(config: TableConfig, state: HashTableState, tables: jax.Array, keys: jax.Array, valid: jax.Array
+           ) -> tuple[HashTableState, jax.Array]:
+    """Removes keys (unique among valid lanes); returns (state, deleted bool [N]).
+    Their slots become tombstones and their rows go back on the free stack."""
+    f = find(state, tables, keys, valid, config.max_probes)
+    return _free(state, f.found, f.rows, f.slot), f.found
+
+
+def delete_rows(state: HashTableState, rows: jax.Array, valid: jax.Array) -> HashTableState:
+    """Removes the live rows `rows` [N] (unique among valid lanes) - eviction's entry."""
+    valid = valid & state.row_live[rows]
+    return _free(state, valid, rows, state.row_slot[rows])
+
+
+def _free(state, ok, rows, slot):
+    n_del = jnp.sum(ok, dtype=jnp.int32)
+    rank = jnp.cumsum(ok, dtype=jnp.int32) - 1
+    r, s = state.capacity, state.num_slots
+    return state._replace(
+        slot_state=state.slot_state.at[jnp.where(ok, slot, s)].set(jnp.int8(TOMBSTONE), mode="drop"),
+        row_live=state.row_live.at[jnp.where(ok, rows, r)].set(False, mode="drop"),
+        free_rows=state.free_rows.at[jnp.where(ok, state.num_free + rank, r)].set(rows, mode="drop"),
+        num_free=state.num_free + n_del,
+        num_tombstones=state.num_tombstones + n_del,
+    )
+
+
+def size(state: HashTableState) -> jax.Array:
+    """Live rows (a device scalar)."""
+    return state.capacity - state.num_free
+
+
+def rebuild_index(state: HashTableState, num_slots: int) -> tuple[HashTableState, jax.Array]:
+    """Rehashes every live row into a fresh index of `num_slots` slots (a power of two;
+    larger to grow, equal to drop tombstones). Rows are untouched. Runs on the device
+    (jit it with num_slots static); call it between steps, work is O(R + S).
+    Returns (state, overflow): overflow means the index cannot hold the rows."""
+    s = _pow2(num_slots)
+    fresh = state._replace(
+        slot_keys=jnp.zeros(s, jnp.int64), slot_tables=jnp.zeros(s, jnp.int32),
+        slot_rows=jnp.zeros(s, jnp.int32), slot_state=jnp.zeros(s, jnp.int8),
+        slot_claim=jnp.full(s, NO_LANE, jnp.int32), num_tombstones=jnp.asarray(0, jnp.int32))
+    rows = jnp.arange(state.capacity, dtype=jnp.int32)
+    index, placed, _, overflow = _claim_slots(fresh, state.row_tables, state.row_keys, rows, state.row_live, s)
+    out = fresh._replace(**index, row_slot=jnp.where(state.row_live, placed, state.row_slot))
+    return out, overflow
+
+
+def export(state: HashTableState) -> dict[str, np.ndarray]:
+    """Host copy of every live row, sorted by (table, id): ids int64 [L], tables int32
+    [L], embedding [L, dim], slot_<name> [L, ...], last_seen, count."""
+    live = np.asarray(state.row_live)
+    idx = np.flatnonzero(live)
+    keys, tables = np.asarray(state.row_keys)[idx], np.asarray(state.row_tables)[idx]
+    order = np.lexsort((keys, tables))
+    idx = idx[order]
+    out = {"ids": keys[order], "tables": tables[order],
+           "embedding": np.asarray(state.embedding)[idx],
+           "last_seen": np.asarray(state.last_seen)[idx], "count": np.asarray(state.count)[idx]}
+    for name, v in state.slots.items():
+        out[f"slot_{name}"] = np.asarray(v)[idx]
+    return out
