@@ -194,18 +194,20 @@ def find(state: HashTableState, tables: jax.Array, keys: jax.Array, valid: jax.A
 
 
 class InsertResult(NamedTuple):
-    """rows int32 [N] for valid lanes (found or new), is_new bool [N], overflow bool
-    (nothing was written), num_new int32 (inserted; 0 on overflow)."""
+    """rows int32 [N] for valid lanes (found or new), found bool [N] (was already
+    there), is_new bool [N] (inserted now), overflow bool (nothing was written),
+    num_new int32 (inserted; 0 on overflow)."""
 
     rows: jax.Array
+    found: jax.Array
     is_new: jax.Array
     overflow: jax.Array
     num_new: jax.Array
 
 
 def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array, keys: jax.Array,
-                   valid: jax.Array, counts: jax.Array | None = None, admit: jax.Array | None = None
-                   ) -> tuple[HashTableState, InsertResult]:
+                   valid: jax.Array, counts: jax.Array | None = None, admit: jax.Array | None = None,
+                   found: FindResult | None = None) -> tuple[HashTableState, InsertResult]:
     """Finds keys and inserts the missing ones, all on the device.
 
     Args:
@@ -220,7 +222,7 @@ def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array
     overflow (rows or probes exhausted) returns the state unchanged.
     """
     n = keys.shape[0]
-    found = find(state, tables, keys, valid, config.max_probes)
+    found = find(state, tables, keys, valid, config.max_probes) if found is None else found
     need = valid & ~found.found
     if admit is not None:
         need = need & admit
@@ -259,7 +261,7 @@ def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array
         last_seen=state.last_seen.at[tgt].set(state.step, mode="drop"),
         count=state.count.at[tgt].add(c, mode="drop"),
     )
-    return state, InsertResult(rows, ok, overflow, jnp.where(overflow, 0, num_new))
+    return state, InsertResult(rows, found.found, ok, overflow, jnp.where(overflow, 0, num_new))
 
 
 def _claim_slots(state, tables, keys, new_rows, need, max_probes):

@@ -1,0 +1,83 @@
+"""Dedup of (table, id) keys and deterministic sorted-segment sums.
+
+Both are the reference (XLA) paths of the sparse step: one sort gives the unique keys,
+each occurrence's unique index, and the sorted order that the backward pass reuses to
+reduce gradients without float atomics.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Unique(NamedTuple):
+    """Unique keys of N lanes, compacted to the front in ascending (table, id) order.
+
+    tables int32 [N], keys int64 [N]: unique keys (lanes >= num_unique are padding);
+    valid bool [N]: lane < num_unique; counts int32 [N]: occurrences of each unique key;
+    inverse int32 [N]: for each input lane its unique index (0 for invalid lanes);
+    order int32 [N]: input lanes sorted by key, valid first (for the backward pass);
+    sorted_segment int32 [N]: unique index of order's lanes (N for invalid ones);
+    num_unique int32 scalar.
+    """
+
+    tables: jax.Array
+    keys: jax.Array
+    valid: jax.Array
+    counts: jax.Array
+    inverse: jax.Array
+    order: jax.Array
+    sorted_segment: jax.Array
+    num_unique: jax.Array
+
+
+def unique_keys(tables: jax.Array, keys: jax.Array, valid: jax.Array) -> Unique:
+    """Dedups (tables [N] int32, keys [N] int64) over the lanes where valid [N].
+
+    Any int64 is a key: invalid lanes are sorted last by a flag, not marked by a
+    sentinel ID.
+    """
+    n = keys.shape[0]
+    lane = jnp.arange(n, dtype=jnp.int32)
+    invalid = (~valid).astype(jnp.int8)
+    s_inv, s_t, s_k, order = jax.lax.sort((invalid, tables.astype(jnp.int32), keys.astype(jnp.int64), lane),
+                                          num_keys=3)
+    s_valid = s_inv == 0
+    new = jnp.concatenate([jnp.ones(1, bool), (s_t[1:] != s_t[:-1]) | (s_k[1:] != s_k[:-1])]) if n else s_valid
+    first = s_valid & new
+    seg = jnp.cumsum(first, dtype=jnp.int32) - 1
+    seg = jnp.where(s_valid, seg, n)
+    tgt = jnp.where(first, seg, n)
+    u_t = jnp.zeros(n, jnp.int32).at[tgt].set(s_t, mode="drop")
+    u_k = jnp.zeros(n, jnp.int64).at[tgt].set(s_k, mode="drop")
+    counts = jnp.zeros(n, jnp.int32).at[seg].add(1, mode="drop")
+    num_unique = jnp.sum(first, dtype=jnp.int32)
+    inverse = jnp.zeros(n, jnp.int32).at[order].set(jnp.where(s_valid, seg, 0))
+    return Unique(u_t, u_k, lane < num_unique, counts, inverse, order, seg, num_unique)
+
+
+def sorted_segment_sum(data: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+    """Sum of data [N, ...] rows per segment, for non-decreasing segment_ids [N]
+    (ids >= num_segments are dropped). Deterministic on every backend: a segmented
+    associative scan (fixed reduction tree, no atomics) then one gather per segment end.
+    Returns [num_segments, ...] in data's dtype.
+    """
+    n = data.shape[0]
+    if n == 0:
+        return jnp.zeros((num_segments,) + data.shape[1:], data.dtype)
+    starts = jnp.concatenate([jnp.ones(1, bool), segment_ids[1:] != segment_ids[:-1]])
+
+    def combine(a, b):
+        va, fa = a
+        vb, fb = b
+        fb_ = fb.reshape(fb.shape + (1,) * (vb.ndim - fb.ndim))
+        return jnp.where(fb_, vb, va + vb), fa | fb
+
+    scanned, _ = jax.lax.associative_scan(combine, (data, starts))
+    # The last lane of each segment holds its total.
+    ends = jnp.concatenate([segment_ids[1:] != segment_ids[:-1], jnp.ones(1, bool)])
+    tgt = jnp.where(ends, segment_ids, num_segments)
+    return jnp.zeros((num_segments,) + data.shape[1:], data.dtype).at[tgt].set(scanned, mode="drop")

@@ -1,0 +1,303 @@
+"""EmbeddingEngine: per-feature options -> merged physical tables -> pooled embeddings.
+
+    engine = EmbeddingEngine({"c1": EmbeddingOption(dim=8), "c2": EmbeddingOption(dim=8),
+                              "hist": EmbeddingOption(dim=8, combiner="none", length=50,
+                                                      shared_name="c2")})
+    state = engine.init(sparse_adamw(1e-3))          # {physical table: TableState}
+    # inside the jitted step:
+    state, lk = engine.lookup(state, features, train=True)        # dedup + find_or_insert + gather
+    def loss_fn(params, rows):                                    # rows: {table: [N, dim] f32}
+        emb = engine.pool(rows, lk, features)                     # {feature: [B, dim] | ([B,L,dim], mask)}
+        ...
+    (loss, (g_params, g_rows)) = value_and_grad(loss_fn, argnums=(0, 1))(params, lk.rows)
+    state, stats = engine.apply_gradients(state, lk, g_rows, sparse_opt)
+
+Features whose options agree on (dim, dtype, initializer, trainable, admission) share
+one physical table; each *logical* table (a feature, or all features with the same
+`shared_name`) keeps its own table index, so (table index, id) keys stay exact. One
+dedup + lookup + gather runs per physical table, not per feature.
+
+Admission (optional, per table): an ID needs `min_count` occurrences, counted in a
+count-min sketch of fixed size, before it gets a trainable row; until then it reads
+zeros and gets no gradient. Eval (`train=False`) only finds: missing IDs read zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recis_jax.embedding import hashtable as ht
+from recis_jax.embedding.dedup import Unique, unique_keys
+from recis_jax.embedding.initializers import Initializer
+from recis_jax.embedding.pooling import COMBINERS, expand, pool
+from recis_jax.ragged import Ragged
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """Admit an ID after `min_count` occurrences (before dedup), counted in a count-min
+    sketch of `depth` x `width` int32 counters. The count is never under-estimated; it
+    over-estimates by more than 2.72 * N / width (N = occurrences counted so far) with
+    probability at most exp(-depth)."""
+
+    min_count: int = 2
+    width: int = 1 << 16
+    depth: int = 4
+
+    def __post_init__(self):
+        if self.min_count < 1 or self.width < 1 or not 1 <= self.depth <= 8:
+            raise ValueError(f"Admission: need min_count >= 1, width >= 1, 1 <= depth <= 8; got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingOption:
+    """How one feature is embedded.
+
+    dim: embedding width. combiner: "sum" | "mean" (sum(w e) / sum(w)) | "tile" (first
+    `length` rows, zero-padded, flattened) | "none" (sequence [B, length, dim] + mask).
+    use_weights: multiply rows by the Ragged's weights when present. trainable: False
+    freezes the table. initializer, dtype ("float32" | "bfloat16" storage): new rows.
+    shared_name: features with the same shared_name use the same logical table.
+    num_rows: slab rows reserved for this logical table (merged tables add them up).
+    admission: optional Admission policy.
+    """
+
+    dim: int
+    combiner: str = "sum"
+    length: int = 1
+    use_weights: bool = True
+    trainable: bool = True
+    initializer: Initializer = Initializer()
+    dtype: str = "float32"
+    shared_name: str | None = None
+    num_rows: int = 1 << 16
+    admission: Admission | None = None
+
+    def __post_init__(self):
+        if self.dim < 1:
+            raise ValueError(f"EmbeddingOption: dim must be >= 1, got {self.dim}")
+        if self.combiner not in COMBINERS:
+            raise ValueError(f"EmbeddingOption: combiner must be one of {COMBINERS}, got {self.combiner!r}")
+        if self.combiner in ("tile", "none") and self.length < 1:
+            raise ValueError("EmbeddingOption: tile/none combiners need length >= 1")
+        if self.num_rows < 1:
+            raise ValueError("EmbeddingOption: num_rows must be >= 1")
+
+    def merge_key(self) -> tuple:
+        return (self.dim, self.dtype, self.initializer, self.trainable, self.admission)
+
+
+class TableState(NamedTuple):
+    """One physical table: the hashtable and its admission sketch ([depth, width] int32;
+    [0, 0] without admission)."""
+
+    table: ht.HashTableState
+    sketch: jax.Array
+
+
+class TableLookup(NamedTuple):
+    """What a physical table's lookup hands to pooling and the update.
+
+    unique: the dedup of the table's concatenated lanes; rows int32 [N]: slab row per
+    unique lane; live bool [N]: unique lanes with a row (found or inserted, admitted);
+    values f32 [N, dim]: the rows' embeddings (zeros where not live) - the
+    differentiable input; overflow bool: the insert ran out of rows/probes and wrote
+    nothing; not_admitted int32, missing int32: counts of unique IDs without a row.
+    """
+
+    unique: Unique
+    rows: jax.Array
+    live: jax.Array
+    overflow: jax.Array
+    not_admitted: jax.Array
+    missing: jax.Array
+    new: jax.Array
+
+
+class Lookup(NamedTuple):
+    """Per physical table lookups, and the embedding inputs (differentiable) per table."""
+
+    tables: dict
+    rows: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+    feature: str
+    table_index: int  # logical table index inside the physical table
+    option: EmbeddingOption
+
+
+class EmbeddingEngine:
+    """Groups features into physical tables and runs lookup / pool / update on them."""
+
+    def __init__(self, options: dict[str, EmbeddingOption], seed: int = 0, merge: bool = True,
+                 max_probes: int = 128):
+        if not options:
+            raise ValueError("EmbeddingEngine needs at least one feature")
+        self.options = dict(options)
+        logical: dict[str, EmbeddingOption] = {}
+        for name, opt in self.options.items():
+            key = opt.shared_name or name
+            if key in logical and logical[key].merge_key() != opt.merge_key():
+                raise ValueError(f"feature {name!r} shares table {key!r} but its dim/dtype/initializer/"
+                                 f"trainable/admission differ from the table's: {opt} vs {logical[key]}")
+            logical.setdefault(key, opt)
+        groups: dict[tuple, list[str]] = {}
+        for key, opt in logical.items():
+            groups.setdefault(opt.merge_key() if merge else (key,), []).append(key)
+        self.physical: dict[str, ht.TableConfig] = {}
+        self.members: dict[str, list[_Member]] = {}
+        self.num_rows: dict[str, int] = {}
+        self._admission: dict[str, Admission | None] = {}
+        self._trainable: dict[str, bool] = {}
+        for i, keys in enumerate(groups.values()):
+            opt = logical[keys[0]]
+            pname = keys[0] if len(keys) == 1 else f"merged_{i}_dim{opt.dim}"
+            self.physical[pname] = ht.TableConfig(pname, opt.dim, opt.dtype, opt.initializer, seed, max_probes)
+            self.num_rows[pname] = sum(logical[k].num_rows for k in keys)
+            self._admission[pname] = opt.admission
+            self._trainable[pname] = opt.trainable
+            self.members[pname] = [_Member(f, keys.index(o.shared_name or f), o)
+                                   for f, o in self.options.items() if (o.shared_name or f) in keys]
+
+    # -- state --------------------------------------------------------------------------
+    def init(self, optimizer=None) -> dict[str, TableState]:
+        """Empty tables; optimizer slots from `optimizer.init(rows, dim, dtype)`."""
+        out = {}
+        for pname, cfg in self.physical.items():
+            r = self.num_rows[pname]
+            dt = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+            slots = optimizer.init(r, cfg.dim, dt) if optimizer is not None and self._trainable[pname] else None
+            adm = self._admission[pname]
+            sketch = jnp.zeros((adm.depth, adm.width) if adm else (0, 0), jnp.int32)
+            out[pname] = TableState(ht.create(cfg, r, slot_init=slots), sketch)
+        return out
+
+    # -- forward ------------------------------------------------------------------------
+    def lookup(self, state: dict[str, TableState], features: dict[str, Ragged], train: bool = True
+               ) -> tuple[dict[str, TableState], Lookup]:
+        """Dedups each physical table's IDs, finds (eval) or finds-or-inserts (train)
+        them, and gathers their rows. Runs inside jit; `train` is static."""
+        new_state, tables, rows = {}, {}, {}
+        for pname, cfg in self.physical.items():
+            t_idx, ids, valid = self._lanes(pname, features)
+            u = unique_keys(t_idx, ids, valid)
+            ts = state[pname]
+            if train:
+                f = ht.find(ts.table, u.tables, u.keys, u.valid, cfg.max_probes)
+                admit, sketch = self._admit(pname, ts.sketch, u, u.valid & ~f.found)
+                tstate, res = ht.find_or_insert(cfg, ts.table, u.tables, u.keys, u.valid, u.counts, admit, f)
+                live = u.valid & ~res.overflow & (res.found | res.is_new)
+                row_ids, overflow, new = res.rows, res.overflow, res.num_new
+                not_admitted = jnp.sum(u.valid & ~res.found & ~admit, dtype=jnp.int32)
+                # An overflowed step is rerun: its sketch counts must not stick either.
+                sketch = jnp.where(overflow, ts.sketch, sketch)
+                new_state[pname] = TableState(tstate, sketch)
+            else:
+                f = ht.find(ts.table, u.tables, u.keys, u.valid, cfg.max_probes)
+                live, row_ids, overflow, new = f.found, f.rows, jnp.asarray(False), jnp.asarray(0, jnp.int32)
+                not_admitted = jnp.asarray(0, jnp.int32)
+                new_state[pname] = ts
+            missing = jnp.sum(u.valid & ~live, dtype=jnp.int32)
+            emb = new_state[pname].table.embedding[jnp.where(live, row_ids, 0)].astype(jnp.float32)
+            rows[pname] = jnp.where(live[:, None], emb, 0.0)
+            tables[pname] = TableLookup(u, row_ids, live, overflow, not_admitted, missing, new)
+        return new_state, Lookup(tables, rows)
+
+    def _lanes(self, pname, features):
+        """Concatenates the table's features' values: (table index int32, id int64, valid)."""
+        t, ids, valid = [], [], []
+        for m in self.members[pname]:
+            r = _ragged(features, m.feature)
+            ids.append(r.values.astype(jnp.int64))
+            t.append(jnp.full(r.capacity, m.table_index, jnp.int32))
+            valid.append(r.value_mask())
+        return jnp.concatenate(t), jnp.concatenate(ids), jnp.concatenate(valid)
+
+    def _admit(self, pname, sketch, u: Unique, missing):
+        """(admit bool [N], sketch): counts the missing IDs' occurrences in the sketch
+        and admits those whose estimate reaches min_count."""
+        adm = self._admission[pname]
+        if adm is None:
+            return jnp.ones_like(u.valid), sketch
+        h = _sketch_hash(u.tables, u.keys, adm.depth, adm.width)  # [depth, N]
+        d = jnp.arange(adm.depth)[:, None]
+        # Only IDs without a row are counted here; a row counts its own occurrences.
+        c = jnp.where(missing, u.counts, 0)
+        sketch = sketch.at[d, h].add(c[None, :])
+        est = jnp.min(sketch[d, h], axis=0)
+        return est >= adm.min_count, sketch
+
+    def pool(self, rows: dict[str, jax.Array], lookup: Lookup, features: dict[str, Ragged]) -> dict:
+        """{feature: pooled output} from the per-table rows ([N, dim] float32, the
+        differentiable input). Output shapes follow each feature's combiner."""
+        out = {}
+        for pname, members in self.members.items():
+            lk = lookup.tables[pname]
+            occ = expand(rows[pname], lk.unique.inverse, lk.unique.order, lk.unique.sorted_segment)
+            start = 0
+            for m in members:
+                r = _ragged(features, m.feature)
+                sl = occ[start:start + r.capacity]
+                start += r.capacity
+                w = r.weights if (m.option.use_weights and r.weights is not None) else None
+                out[m.feature] = pool(sl, r.row_splits, r.value_rowids(), w, m.option.combiner, m.option.length)
+        return out
+
+    # -- backward / update --------------------------------------------------------------
+    def apply_gradients(self, state: dict[str, TableState], lookup: Lookup, row_grads: dict[str, jax.Array],
+                        optimizer, lr_step: jax.Array | None = None, skip: jax.Array | None = None
+                        ) -> tuple[dict[str, TableState], dict]:
+        """Applies the sparse optimizer to each trainable table's touched rows.
+
+        row_grads: {table: [N, dim]} gradients w.r.t. `lookup.rows` (already summed over
+        occurrences). Each table's step counter advances when it has touched rows. skip
+        (bool scalar): update nothing (e.g. another table overflowed).
+        Returns (state, stats) with per-table touched / nonfinite counts.
+        """
+        out, stats = {}, {}
+        any_overflow = self.overflow(lookup)
+        skip = any_overflow if skip is None else (skip | any_overflow)
+        for pname, ts in state.items():
+            lk = lookup.tables[pname]
+            if not self._trainable[pname]:
+                out[pname] = ts
+                continue
+            tbl = ts.table
+            g = row_grads[pname]
+            finite = jnp.all(jnp.isfinite(g), axis=1)
+            mask = lk.live & ~skip
+            touched = jnp.sum(mask, dtype=jnp.int32)
+            step = tbl.step + jnp.where(touched > 0, 1, 0).astype(jnp.int32)
+            emb, slots = optimizer.apply(tbl.embedding, tbl.slots, lk.rows, g, mask & finite, step,
+                                         lr_step=lr_step)
+            out[pname] = ts._replace(table=tbl._replace(embedding=emb, slots=slots, step=step))
+            stats[pname] = {"touched": touched, "nonfinite": jnp.sum(mask & ~finite, dtype=jnp.int32)}
+        return out, stats
+
+    @staticmethod
+    def overflow(lookup: Lookup) -> jax.Array:
+        """True if any table's insert overflowed (the step must be rerun after growing)."""
+        return jnp.any(jnp.stack([lk.overflow for lk in lookup.tables.values()]))
+
+
+def _ragged(features, name) -> Ragged:
+    if name not in features:
+        raise KeyError(f"embedding feature {name!r} missing from the batch (have {sorted(features)})")
+    r = features[name]
+    if not isinstance(r, Ragged) or r.ragged_rank != 1:
+        raise TypeError(f"embedding feature {name!r} must be a 1-level Ragged of int64 IDs, got {type(r).__name__}")
+    if not jnp.issubdtype(r.values.dtype, jnp.integer):
+        raise TypeError(f"embedding feature {name!r}: IDs must be integers, got {r.values.dtype}")
+    return r
+
+
+def _sketch_hash(tables, keys, depth, width):
+    rows = [ht.home_slot(tables + 7919 * (j + 1), keys, 1 << 62) for j in range(depth)]
+    return jnp.stack(rows) % width

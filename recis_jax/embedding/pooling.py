@@ -1,0 +1,94 @@
+"""Differentiable expand (unique rows -> occurrences) and bag pooling, deterministic.
+
+`expand` gathers each occurrence's row from the unique rows; its backward is the sum of
+occurrence gradients per unique row, computed with a sorted-segment scan (no float
+atomics), so training is bitwise reproducible. `pool` reduces occurrences into bags
+(CSR rows); its backward is a plain gather.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from recis_jax.embedding.dedup import sorted_segment_sum
+
+COMBINERS = ("sum", "mean", "tile", "none")
+
+
+@partial(jax.custom_vjp, nondiff_argnums=())
+def expand(unique_rows, inverse, order, sorted_segment):
+    """occ [C, dim] = unique_rows [U, dim][inverse [C]].
+
+    order [C] / sorted_segment [C] (from `dedup.unique_keys`) give the occurrences
+    sorted by unique index, used by the backward pass."""
+    return unique_rows[inverse]
+
+
+def _expand_fwd(unique_rows, inverse, order, sorted_segment):
+    return unique_rows[inverse], (unique_rows.shape[0], order, sorted_segment, inverse)
+
+
+def _expand_bwd(res, g):
+    u, order, sorted_segment, inverse = res
+    g_unique = sorted_segment_sum(g[order], sorted_segment, u)
+    return g_unique, None, None, None
+
+
+expand.defvjp(_expand_fwd, _expand_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _segment_pool(occ, rowids, num_bags):
+    return sorted_segment_sum(occ, rowids, num_bags)
+
+
+def _pool_fwd(occ, rowids, num_bags):
+    return sorted_segment_sum(occ, rowids, num_bags), rowids
+
+
+def _pool_bwd(num_bags, rowids, g):
+    # Each occurrence belongs to one bag: its gradient is the bag's (0 for padding).
+    g_pad = jnp.concatenate([g, jnp.zeros((1,) + g.shape[1:], g.dtype)])
+    return g_pad[jnp.minimum(rowids, num_bags)], None
+
+
+_segment_pool.defvjp(_pool_fwd, _pool_bwd)
+
+
+def pool(occ: jax.Array, row_splits: jax.Array, rowids: jax.Array, weights: jax.Array | None,
+         combiner: str, length: int = 1):
+    """Pools occurrence rows occ [C, dim] (float32) into bags.
+
+    Args:
+      row_splits [B + 1], rowids [C] (padding lanes = B): the feature's CSR layout.
+      weights [C] float32 or None (then 1).
+      combiner: "sum": sum_i w_i e_i -> [B, dim];
+        "mean": sum_i w_i e_i / sum_i w_i (0 for an empty bag or zero weight sum) -> [B, dim];
+        "tile": the first `length` rows of each bag, zero-padded, w_i e_i -> [B, length * dim];
+        "none": the sequence, first `length` rows -> ([B, length, dim], mask [B, length]).
+    """
+    b = row_splits.shape[0] - 1
+    if combiner not in COMBINERS:
+        raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+    w = None if weights is None else weights.astype(occ.dtype)
+    if combiner in ("sum", "mean"):
+        x = occ if w is None else occ * w[:, None]
+        pooled = _segment_pool(x, rowids, b)
+        if combiner == "mean":
+            ones = jnp.ones_like(rowids, occ.dtype) if w is None else w
+            valid = (rowids < b).astype(occ.dtype)
+            denom = jnp.zeros(b, occ.dtype).at[rowids].add(ones * valid, mode="drop")
+            pooled = jnp.where(denom[:, None] != 0, pooled / jnp.where(denom == 0, 1, denom)[:, None], 0)
+        return pooled
+    pos = jnp.arange(length)
+    lengths = row_splits[1:] - row_splits[:-1]
+    mask = pos[None, :] < lengths[:, None]
+    idx = jnp.where(mask, row_splits[:-1, None] + pos[None, :], 0)
+    x = occ if w is None else occ * w[:, None]
+    seq = jnp.where(mask[..., None], x[idx], 0)  # [B, length, dim]
+    if combiner == "tile":
+        return seq.reshape(b, length * occ.shape[1])
+    return seq, mask
