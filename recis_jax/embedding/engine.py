@@ -25,6 +25,7 @@ zeros and gets no gradient. Eval (`train=False`) only finds: missing IDs read ze
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -159,7 +160,9 @@ class EmbeddingEngine:
         for i, keys in enumerate(groups.values()):
             opt = logical[keys[0]]
             pname = keys[0] if len(keys) == 1 else f"merged_{i}_dim{opt.dim}"
-            self.physical[pname] = ht.TableConfig(pname, opt.dim, opt.dtype, opt.initializer, seed, max_probes)
+            streams = tuple(stream_id(k) for k in keys)
+            self.physical[pname] = ht.TableConfig(pname, opt.dim, opt.dtype, opt.initializer, seed, max_probes,
+                                                  streams)
             self.num_rows[pname] = sum(logical[k].num_rows for k in keys)
             self._admission[pname] = opt.admission
             self._trainable[pname] = opt.trainable
@@ -206,7 +209,7 @@ class EmbeddingEngine:
                 new_state[pname] = ts
             missing = jnp.sum(u.valid & ~live, dtype=jnp.int32)
             emb = new_state[pname].table.embedding[jnp.where(live, row_ids, 0)].astype(jnp.float32)
-            rows[pname] = jnp.where(live[:, None], emb, 0.0)
+            rows[pname] = jnp.where(live[:, None], emb, jnp.float32(0))
             tables[pname] = TableLookup(u, row_ids, live, overflow, not_admitted, missing, new)
         return new_state, Lookup(tables, rows)
 
@@ -285,6 +288,11 @@ class EmbeddingEngine:
     def overflow(lookup: Lookup) -> jax.Array:
         """True if any table's insert overflowed (the step must be rerun after growing)."""
         return jnp.any(jnp.stack([lk.overflow for lk in lookup.tables.values()]))
+
+
+def stream_id(table_name: str) -> int:
+    """A stable 31-bit id of a logical table's name: its rows' initializer stream."""
+    return zlib.crc32(table_name.encode()) & 0x7FFFFFFF
 
 
 def _ragged(features, name) -> Ragged:

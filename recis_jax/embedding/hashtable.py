@@ -51,6 +51,9 @@ class TableConfig:
     name: table name; dim: embedding width; dtype: storage ("float32" | "bfloat16",
     optimizer math is float32 either way); initializer, seed: new-row values;
     max_probes: longest probe sequence before an insert reports overflow.
+    stream_ids: per table index, the id of its initializer stream (default: the index).
+      Merged tables pass a stable hash of each logical table's name, so a row starts at
+      the same value whether or not its table is merged with others.
     """
 
     name: str
@@ -59,6 +62,7 @@ class TableConfig:
     initializer: Initializer = Initializer()
     seed: int = 0
     max_probes: int = 128
+    stream_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.dim < 1:
@@ -241,7 +245,8 @@ def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array
     # Row writes: new rows only, out-of-range target for masked lanes (dropped).
     r = state.capacity
     tgt = jnp.where(ok, new_rows, r)
-    init = initial_rows(config.initializer, tables, keys, config.dim, config.seed)
+    streams = jnp.asarray(config.stream_ids, jnp.int32)[tables] if config.stream_ids else tables
+    init = initial_rows(config.initializer, streams, keys, config.dim, config.seed)
     slots = {name: v.at[tgt].set(jnp.broadcast_to(state.slot_defaults[name], (n,) + v.shape[1:]), mode="drop")
              for name, v in state.slots.items()}
     state = state._replace(

@@ -71,18 +71,23 @@ def initial_rows(init: Initializer, tables: jax.Array, ids: jax.Array, dim: int,
         return jnp.full((n, dim), init.value, jnp.float32)
     keys = row_keys(tables, ids, seed)
     if init.kind == "uniform":
-        draw = lambda k: jax.random.uniform(k, (dim,), jnp.float32, init.minval, init.maxval)  # noqa: E731
+        draw = lambda k: jax.random.uniform(k, (dim,), jnp.float32, _f32(init.minval), _f32(init.maxval))  # noqa: E731
     elif init.kind == "normal":
-        draw = lambda k: init.mean + init.std * jax.random.normal(k, (dim,), jnp.float32)  # noqa: E731
+        draw = lambda k: _f32(init.mean) + _f32(init.std) * jax.random.normal(k, (dim,), jnp.float32)  # noqa: E731
     elif init.kind == "truncated_normal":
-        draw = lambda k: init.mean + init.std * jax.random.truncated_normal(  # noqa: E731
-            k, init.a, init.b, (dim,), jnp.float32)
+        draw = lambda k: _f32(init.mean) + _f32(init.std) * jax.random.truncated_normal(  # noqa: E731
+            k, _f32(init.a), _f32(init.b), (dim,), jnp.float32)
     else:
         fan = init.fan_in + dim
         if init.kind == "xavier_uniform":
             lim = math.sqrt(6.0 / fan)
-            draw = lambda k: jax.random.uniform(k, (dim,), jnp.float32, -lim, lim)  # noqa: E731
+            draw = lambda k: jax.random.uniform(k, (dim,), jnp.float32, _f32(-lim), _f32(lim))  # noqa: E731
         else:
             std = math.sqrt(2.0 / fan)
-            draw = lambda k: std * jax.random.normal(k, (dim,), jnp.float32)  # noqa: E731
+            draw = lambda k: _f32(std) * jax.random.normal(k, (dim,), jnp.float32)  # noqa: E731
     return jax.vmap(draw)(keys)
+
+
+def _f32(x: float) -> jax.Array:
+    # Python floats become float64 constants under x64; keep the init math float32.
+    return jnp.asarray(x, jnp.float32)

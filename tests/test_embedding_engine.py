@@ -1,0 +1,265 @@
+"""EmbeddingEngine: merging, pooling, gradients vs a dense table, sparse updates."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recis_jax.embedding import hashtable as ht
+from recis_jax.embedding.engine import EmbeddingEngine, EmbeddingOption, stream_id
+from recis_jax.embedding.initializers import Initializer, initial_rows
+from recis_jax.optim import sparse_adam, sparse_adamw, sparse_sgd
+from recis_jax.ragged import Ragged
+
+RNG = np.random.default_rng(0)
+
+
+def random_ragged(b, vocab, max_len, cap, weights=False):
+    rows = [list(RNG.choice(vocab, RNG.integers(0, max_len + 1))) for _ in range(b)]
+    w = [list(RNG.uniform(0.5, 2.0, len(r))) for r in rows] if weights else None
+    return Ragged.from_lists(rows, capacity=cap, weights=w)
+
+
+VOCAB = np.array([5, -1, -2, 0, 2**63 - 1, -(2**63), 77, 123456789012345], np.int64)
+
+OPTIONS = {
+    "a": EmbeddingOption(4, combiner="sum"),
+    "b": EmbeddingOption(4, combiner="mean"),
+    "s": EmbeddingOption(4, combiner="none", length=3, shared_name="a"),
+    "t": EmbeddingOption(4, combiner="tile", length=2),
+}
+
+
+def batch(seed=0):
+    global RNG
+    RNG = np.random.default_rng(seed)
+    return {"a": random_ragged(6, VOCAB, 4, 32), "b": random_ragged(6, VOCAB, 3, 32, weights=True),
+            "s": random_ragged(6, VOCAB, 5, 32), "t": random_ragged(6, VOCAB, 3, 32, weights=True)}
+
+
+def loss_of(out):
+    total = 0.0
+    for k, v in sorted(out.items()):
+        x = v[0] if isinstance(v, tuple) else v
+        total = total + jnp.sum(jnp.sin(x) * (1.0 + jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) / 7))
+    return total
+
+
+def make_step(engine, opt):
+    @jax.jit
+    def step(state, feats):
+        state, lk = engine.lookup(state, feats)
+
+        def loss(rows):
+            out = engine.pool(rows, lk, feats)
+            return loss_of(out), out
+
+        (l, out), g = jax.value_and_grad(loss, has_aux=True)(lk.rows)
+        state, stats = engine.apply_gradients(state, lk, g, opt)
+        return state, l, out, stats
+
+    return step
+
+
+def rows_by_id(engine, state):
+    """{(logical table name, id): embedding row} over all physical tables."""
+    out = {}
+    for pname, ts in state.items():
+        ex = ht.export(ts.table)
+        names = {m.table_index: (m.option.shared_name or m.feature) for m in engine.members[pname]}
+        for t, i, e in zip(ex["tables"], ex["ids"], ex["embedding"]):
+            out[(names[int(t)], int(i))] = e
+    return out
+
+
+def test_merging_groups_tables_and_keys_on_pairs():
+    eng = EmbeddingEngine(OPTIONS)
+    assert len(eng.physical) == 1  # all dim 4, same initializer
+    members = {m.feature: m.table_index for m in next(iter(eng.members.values()))}
+    assert members["a"] == members["s"] != members["b"] != members["t"]
+    assert len(EmbeddingEngine(OPTIONS, merge=False).physical) == 3  # a+s shared, b, t
+
+
+def test_merged_equals_unmerged_over_steps():
+    opt = sparse_adamw(0.05, weight_decay=0.01)
+    merged, unmerged = EmbeddingEngine(OPTIONS), EmbeddingEngine(OPTIONS, merge=False)
+    sm, su = merged.init(opt), unmerged.init(opt)
+    fm, fu = make_step(merged, opt), make_step(unmerged, opt)
+    for seed in range(3):
+        feats = jax.device_put(batch(seed))
+        sm, lm, om, _ = fm(sm, feats)
+        su, lu, ou, _ = fu(su, feats)
+        np.testing.assert_allclose(lm, lu, rtol=1e-6)
+        for k in om:
+            jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), om[k], ou[k])
+    rm, ru = rows_by_id(merged, sm), rows_by_id(unmerged, su)
+    assert rm.keys() == ru.keys()
+    for k in rm:
+        np.testing.assert_allclose(rm[k], ru[k], rtol=1e-6, atol=1e-7)
+
+
+def test_gradients_match_dense_table_jax_grad():
+    """The engine's per-unique-row gradients equal jax.grad of the same model written
+    with a dense [V, dim] table and plain jnp ops."""
+    eng = EmbeddingEngine(OPTIONS, merge=False)
+    state = eng.init(None)
+    feats = jax.device_put(batch(1))
+    state, lk = jax.jit(eng.lookup)(state, feats)
+
+    def loss(rows):
+        return loss_of(eng.pool(rows, lk, feats))
+
+    g_rows = jax.grad(loss)(lk.rows)
+
+    # Dense equivalent: vocabulary index per logical table, rows = the engine's rows.
+    def dense_tables():
+        out = {}
+        for pname, tl in lk.tables.items():
+            n = int(tl.unique.num_unique)
+            out[pname] = lk.rows[pname][:n]
+        return out
+
+    def dense_loss(tables):
+        res = {}
+        for pname, members in eng.members.items():
+            tl = lk.tables[pname]
+            n = int(tl.unique.num_unique)
+            keys = [(int(t), int(k)) for t, k in zip(tl.unique.tables[:n], tl.unique.keys[:n])]
+            for m in members:
+                r = feats[m.feature]
+                ids = np.asarray(r.values)
+                splits = np.asarray(r.row_splits)
+                idx = jnp.array([keys.index((m.table_index, int(i))) for i in ids[: splits[-1]]], jnp.int32)
+                e = jnp.take(tables[pname], idx, axis=0)
+                if r.weights is not None:
+                    e = e * jnp.asarray(r.weights[: splits[-1]])[:, None]
+                seg = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
+                if m.option.combiner in ("sum", "mean"):
+                    x = jax.ops.segment_sum(e, seg, len(splits) - 1)
+                    if m.option.combiner == "mean":
+                        w = r.weights[: splits[-1]] if r.weights is not None else np.ones(splits[-1])
+                        den = np.bincount(seg, w, len(splits) - 1)
+                        x = jnp.where(den[:, None] > 0, x / np.where(den > 0, den, 1)[:, None], 0)
+                    res[m.feature] = x
+                else:
+                    L = m.option.length
+                    rows = []
+                    for i in range(len(splits) - 1):
+                        part = e[splits[i]:min(splits[i + 1], splits[i] + L)]
+                        rows.append(jnp.concatenate([part, jnp.zeros((L - part.shape[0], 4), jnp.float32)]))
+                    seq = jnp.stack(rows)
+                    res[m.feature] = (seq, None) if m.option.combiner == "none" else seq.reshape(len(rows), -1)
+        return loss_of(res)
+
+    g_dense = jax.grad(dense_loss)(dense_tables())
+    for pname in g_dense:
+        n = g_dense[pname].shape[0]
+        np.testing.assert_allclose(g_rows[pname][:n], g_dense[pname], rtol=1e-5, atol=1e-6)
+        assert not np.any(np.asarray(g_rows[pname][n:]))  # padding lanes get no gradient
+
+
+def test_sparse_adamw_example_through_the_engine():
+    """The issue's two-step SparseAdamW example, with rows set through `insert`."""
+    opt = sparse_adamw(0.01, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    eng = EmbeddingEngine({"f": EmbeddingOption(2, combiner="sum", num_rows=8)})
+    state = eng.init(opt)
+    (pname,) = eng.physical
+    cfg = eng.physical[pname]
+    tbl, _ = ht.insert(cfg, state[pname].table, jnp.zeros(2, jnp.int32), jnp.array([10, 20], jnp.int64),
+                       jnp.ones(2, bool), embedding=jnp.array([[0.5, -0.25], [1.0, 2.0]], jnp.float32))
+    state = {pname: state[pname]._replace(table=tbl)}
+
+    @jax.jit
+    def step(state, feats, gbag):
+        state, lk = eng.lookup(state, feats)
+        g = jax.grad(lambda rows: jnp.sum(eng.pool(rows, lk, feats)["f"] * gbag))(lk.rows)
+        return eng.apply_gradients(state, lk, g, opt)[0]
+
+    f1 = Ragged.from_lists([[10], [20]], capacity=4)
+    state = step(state, {"f": f1}, jnp.array([[0.1, -0.2], [0.0, 0.4]], jnp.float32))
+    f2 = Ragged.from_lists([[10], []], capacity=4)
+    state = step(state, {"f": f2}, jnp.array([[0.3, 0.05], [9.0, 9.0]], jnp.float32))
+    rows = rows_by_id(eng, state)
+    np.testing.assert_allclose(rows[("f", 10)], [0.48072323461, -0.23525634380], atol=1e-6)
+    np.testing.assert_allclose(rows[("f", 20)], [0.9999, 1.98980000791], atol=1e-6)
+    assert int(state[pname].table.step) == 2
+
+
+def test_new_rows_start_at_their_deterministic_initial_value():
+    init = Initializer("normal", std=0.1)
+    eng = EmbeddingEngine({"f": EmbeddingOption(3, initializer=init, num_rows=16)}, seed=42)
+    state = eng.init(None)
+    f = Ragged.from_lists([[7, -1], [2**62]], capacity=4)
+    state, lk = jax.jit(eng.lookup)(state, {"f": f})
+    (pname,) = eng.physical
+    n = int(lk.tables[pname].unique.num_unique)
+    keys = lk.tables[pname].unique.keys[:n]
+    # jit both sides: eager and compiled may differ by an ulp (FMA fusion).
+    expect = jax.jit(initial_rows, static_argnums=(0, 3, 4))(init, jnp.full(n, stream_id("f"), jnp.int32), keys, 3, 42)
+    np.testing.assert_array_equal(lk.rows[pname][:n], expect)
+
+
+def test_eval_mode_finds_only():
+    opt = sparse_sgd(0.1)
+    eng = EmbeddingEngine({"f": EmbeddingOption(2, num_rows=8)})
+    state = eng.init(opt)
+    state, _ = jax.jit(eng.lookup)(state, {"f": Ragged.from_lists([[1, 2]], capacity=4)})
+    before = jax.tree_util.tree_map(np.asarray, state)
+    after, lk = jax.jit(eng.lookup, static_argnames="train")(state, {"f": Ragged.from_lists([[1, 3]], capacity=4)},
+                                                             train=False)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.asarray, after))
+    (pname,) = eng.physical
+    tl = lk.tables[pname]
+    assert int(tl.missing) == 1 and np.asarray(tl.live)[:2].tolist() == [True, False]
+    assert not np.any(np.asarray(lk.rows[pname][1]))  # the missing ID reads zeros
+
+
+def test_nonfinite_gradients_are_reported_not_written():
+    opt = sparse_adam(0.1)
+    eng = EmbeddingEngine({"f": EmbeddingOption(2, num_rows=8)})
+    state = eng.init(opt)
+    f = {"f": Ragged.from_lists([[1], [2]], capacity=4)}
+
+    @jax.jit
+    def step(state):
+        state, lk = eng.lookup(state, f)
+        g = jax.grad(lambda rows: jnp.sum(eng.pool(rows, lk, f)["f"] * jnp.array([[jnp.nan, 1.0], [1.0, 1.0]])))(
+            lk.rows)
+        return eng.apply_gradients(state, lk, g, opt), lk
+
+    (state2, stats), lk = step(state)
+    (pname,) = eng.physical
+    assert int(stats[pname]["nonfinite"]) == 1 and int(stats[pname]["touched"]) == 2
+    ex = ht.export(state2[pname].table)
+    assert np.all(np.isfinite(ex["embedding"]))
+    np.testing.assert_array_equal(ex["embedding"][0], lk.rows[pname][0])  # id 1 untouched
+
+
+def test_train_step_is_bitwise_deterministic_and_has_no_f64():
+    opt = sparse_adamw(0.05, weight_decay=0.01)
+    eng = EmbeddingEngine(OPTIONS)
+    step = make_step(eng, opt)
+    runs = []
+    for _ in range(2):
+        state = eng.init(opt)
+        for seed in range(3):
+            state, *_ = step(state, jax.device_put(batch(seed)))
+        runs.append(jax.tree_util.tree_map(np.asarray, state))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, *runs)
+    jaxpr = str(jax.make_jaxpr(step.__wrapped__)(eng.init(opt), jax.device_put(batch(0))))
+    assert "f64" not in jaxpr
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="shares table 'x'"):
+        EmbeddingEngine({"x": EmbeddingOption(4), "y": EmbeddingOption(8, shared_name="x")})
+    with pytest.raises(ValueError, match="combiner"):
+        EmbeddingOption(4, combiner="max")
+    with pytest.raises(ValueError, match="dim"):
+        EmbeddingOption(0)
+    eng = EmbeddingEngine({"f": EmbeddingOption(2)})
+    state = eng.init(None)
+    with pytest.raises(KeyError, match="'f' missing from the batch"):
+        eng.lookup(state, {"g": Ragged.from_lists([[1]])})
+    with pytest.raises(TypeError, match="IDs must be integers"):
+        eng.lookup(state, {"f": Ragged.from_lists([[1.5]], dtype=np.float32)})
