@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recis_jax.embedding import hashtable as ht
-from recis_jax.embedding.dedup import Unique, unique_keys
+from recis_jax.embedding.dedup import Unique, sorted_segment_sum, unique_keys
 from recis_jax.embedding.initializers import Initializer
 from recis_jax.embedding.pooling import COMBINERS, expand, pool
 from recis_jax.ragged import Ragged
@@ -118,6 +118,32 @@ class TableLookup(NamedTuple):
     not_admitted: jax.Array
     missing: jax.Array
     new: jax.Array
+
+
+class SparseGrad(NamedTuple):
+    """A table's sparse gradient: rows int32 [K] (unique where mask), grads f32 [K, dim],
+    mask bool [K]. K is the lookup's lane count, or their sum after accumulation."""
+
+    rows: jax.Array
+    grads: jax.Array
+    mask: jax.Array
+
+
+def accumulate(a: dict[str, SparseGrad] | None, b: dict[str, SparseGrad]) -> dict[str, SparseGrad]:
+    """Sums two micro-steps' sparse gradients, staying sparse: per table the lanes are
+    concatenated and rows appearing in both are merged by a deterministic sorted-segment
+    sum (K grows by each micro-step's lane count; nothing is [R, dim])."""
+    if a is None:
+        return b
+    out = {}
+    for p in b:
+        rows = jnp.concatenate([a[p].rows, b[p].rows])
+        grads = jnp.concatenate([a[p].grads, b[p].grads])
+        mask = jnp.concatenate([a[p].mask, b[p].mask])
+        u = unique_keys(jnp.zeros_like(rows), rows.astype(jnp.int64), mask)
+        summed = sorted_segment_sum(grads[u.order], u.sorted_segment, rows.shape[0])
+        out[p] = SparseGrad(u.keys.astype(jnp.int32), summed, u.valid)
+    return out
 
 
 class Lookup(NamedTuple):
@@ -254,35 +280,39 @@ class EmbeddingEngine:
         return out
 
     # -- backward / update --------------------------------------------------------------
+    def sparse_grads(self, lookup: Lookup, row_grads: dict[str, jax.Array], skip: jax.Array | None = None
+                     ) -> dict[str, "SparseGrad"]:
+        """{trainable table: SparseGrad} from gradients w.r.t. `lookup.rows` ([N, dim],
+        already summed over occurrences by the expand backward). skip (bool scalar, and
+        any table's overflow) masks everything: the step will be rerun."""
+        skip = self.overflow(lookup) if skip is None else (skip | self.overflow(lookup))
+        return {p: SparseGrad(lk.rows, row_grads[p].astype(jnp.float32), lk.live & ~skip)
+                for p, lk in lookup.tables.items() if self._trainable[p]}
+
+    def apply_sparse(self, state: dict[str, TableState], grads: dict[str, "SparseGrad"], optimizer,
+                     lr_step: jax.Array | None = None) -> tuple[dict[str, TableState], dict]:
+        """Applies the sparse optimizer to the touched rows of each trainable table.
+
+        Each table's step counter advances when it has touched rows (the Adam bias
+        correction uses it); schedules take `lr_step` (the global step). Rows with
+        non-finite gradients are left unchanged and counted. Returns (state, stats) with
+        per-table `touched` and `nonfinite` counts."""
+        out, stats = dict(state), {}
+        for pname, g in grads.items():
+            tbl = state[pname].table
+            touched = jnp.sum(g.mask, dtype=jnp.int32)
+            step = tbl.step + (touched > 0).astype(jnp.int32)
+            emb, slots = optimizer.apply(tbl.embedding, tbl.slots, g.rows, g.grads, g.mask, step, lr_step=lr_step)
+            out[pname] = state[pname]._replace(table=tbl._replace(embedding=emb, slots=slots, step=step))
+            finite = jnp.all(jnp.isfinite(g.grads), axis=1)
+            stats[pname] = {"touched": touched, "nonfinite": jnp.sum(g.mask & ~finite, dtype=jnp.int32)}
+        return out, stats
+
     def apply_gradients(self, state: dict[str, TableState], lookup: Lookup, row_grads: dict[str, jax.Array],
                         optimizer, lr_step: jax.Array | None = None, skip: jax.Array | None = None
                         ) -> tuple[dict[str, TableState], dict]:
-        """Applies the sparse optimizer to each trainable table's touched rows.
-
-        row_grads: {table: [N, dim]} gradients w.r.t. `lookup.rows` (already summed over
-        occurrences). Each table's step counter advances when it has touched rows. skip
-        (bool scalar): update nothing (e.g. another table overflowed).
-        Returns (state, stats) with per-table touched / nonfinite counts.
-        """
-        out, stats = {}, {}
-        any_overflow = self.overflow(lookup)
-        skip = any_overflow if skip is None else (skip | any_overflow)
-        for pname, ts in state.items():
-            lk = lookup.tables[pname]
-            if not self._trainable[pname]:
-                out[pname] = ts
-                continue
-            tbl = ts.table
-            g = row_grads[pname]
-            finite = jnp.all(jnp.isfinite(g), axis=1)
-            mask = lk.live & ~skip
-            touched = jnp.sum(mask, dtype=jnp.int32)
-            step = tbl.step + jnp.where(touched > 0, 1, 0).astype(jnp.int32)
-            emb, slots = optimizer.apply(tbl.embedding, tbl.slots, lk.rows, g, mask & finite, step,
-                                         lr_step=lr_step)
-            out[pname] = ts._replace(table=tbl._replace(embedding=emb, slots=slots, step=step))
-            stats[pname] = {"touched": touched, "nonfinite": jnp.sum(mask & ~finite, dtype=jnp.int32)}
-        return out, stats
+        """`apply_sparse(sparse_grads(lookup, row_grads, skip))` in one call."""
+        return self.apply_sparse(state, self.sparse_grads(lookup, row_grads, skip), optimizer, lr_step)
 
     @staticmethod
     def overflow(lookup: Lookup) -> jax.Array:
