@@ -311,3 +311,44 @@ def test_bfloat16_storage_trains_with_float32_math():
     state, l1, *_ = step(state, {"f": Ragged.from_lists([[1, 2], [3]], capacity=4)})
     state, l2, *_ = step(state, {"f": Ragged.from_lists([[1, 2], [3]], capacity=4)})
     assert state[pname].table.embedding.dtype == jnp.bfloat16 and np.isfinite(float(l2))
+
+
+def test_combined_dense_and_sparse_update():
+    import optax
+
+    from recis_jax.optim.combined import apply_gradients
+
+    sched = optax.linear_schedule(0.1, 0.0, 10)
+    sparse_opt, dense_tx = sparse_sgd(sched), optax.sgd(sched)
+    eng = EmbeddingEngine({"f": EmbeddingOption(2, num_rows=8)})
+    tables = eng.init(sparse_opt)
+    params = {"w": jnp.ones((2,), jnp.float32)}
+    opt_state = dense_tx.init(params)
+    feats = {"f": Ragged.from_lists([[1], [2]], capacity=4)}
+
+    @jax.jit
+    def step(params, opt_state, tables, gstep):
+        tables, lk = eng.lookup(tables, feats)
+
+        def loss(p, rows):
+            return jnp.sum(eng.pool(rows, lk, feats)["f"] * p["w"])
+
+        gp, gr = jax.grad(loss, argnums=(0, 1))(params, lk.rows)
+        return apply_gradients(eng, sparse_opt, dense_tx, params, opt_state, gp, tables, lk, gr, gstep)
+
+    p0 = params
+    # optax schedules count the dense optimizer's own updates, which equal the global
+    # step when training starts at 0 (an overflowed, skipped step advances neither).
+    params, opt_state, tables2, stats = step(params, opt_state, tables, jnp.int32(0))
+    (pname,) = eng.physical
+    _, lk = jax.jit(eng.lookup)(tables, feats)
+    # lr at step 0 is 0.1 for both sides: dense grad = sum of pooled rows.
+    np.testing.assert_allclose(params["w"], p0["w"] - 0.1 * np.asarray(lk.rows[pname][:2]).sum(0), rtol=1e-6)
+    ex = ht.export(tables2[pname].table)
+    np.testing.assert_allclose(ex["embedding"], np.asarray(lk.rows[pname][:2]) - 0.1 * np.asarray(p0["w"]),
+                               rtol=1e-6)
+    assert not bool(stats["skipped"])
+    params, opt_state, tables3, _ = step(params, opt_state, tables2, jnp.int32(1))
+    ex3 = ht.export(tables3[pname].table)  # lr 0.09 at step 1 on the sparse side
+    np.testing.assert_allclose(ex3["embedding"], ex["embedding"] - 0.09 * np.asarray(p0["w"] - 0.1 * np.asarray(
+        lk.rows[pname][:2]).sum(0)), rtol=1e-5)
