@@ -209,10 +209,12 @@ class EmbeddingEngine:
         return out
 
     # -- forward ------------------------------------------------------------------------
-    def lookup(self, state: dict[str, TableState], features: dict[str, Ragged], train: bool = True
-               ) -> tuple[dict[str, TableState], Lookup]:
+    def lookup(self, state: dict[str, TableState], features: dict[str, Ragged], train: bool = True,
+               step: jax.Array | None = None) -> tuple[dict[str, TableState], Lookup]:
         """Dedups each physical table's IDs, finds (eval) or finds-or-inserts (train)
-        them, and gathers their rows. Runs inside jit; `train` is static."""
+        them, and gathers their rows. Runs inside jit; `train` is static. `step` (the
+        global step, int32) is stamped as the rows' last_seen, the eviction clock;
+        default each table's own step counter."""
         new_state, tables, rows = {}, {}, {}
         for pname, cfg in self.physical.items():
             t_idx, ids, valid = self._lanes(pname, features)
@@ -221,7 +223,7 @@ class EmbeddingEngine:
             if train:
                 f = ht.find(ts.table, u.tables, u.keys, u.valid, cfg.max_probes)
                 admit, sketch = self._admit(pname, ts.sketch, u, u.valid & ~f.found)
-                tstate, res = ht.find_or_insert(cfg, ts.table, u.tables, u.keys, u.valid, u.counts, admit, f)
+                tstate, res = ht.find_or_insert(cfg, ts.table, u.tables, u.keys, u.valid, u.counts, admit, f, step)
                 live = u.valid & ~res.overflow & (res.found | res.is_new)
                 row_ids, overflow, new = res.rows, res.overflow, res.num_new
                 not_admitted = jnp.sum(u.valid & ~res.found & ~admit, dtype=jnp.int32)

@@ -211,7 +211,8 @@ class InsertResult(NamedTuple):
 
 def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array, keys: jax.Array,
                    valid: jax.Array, counts: jax.Array | None = None, admit: jax.Array | None = None,
-                   found: FindResult | None = None) -> tuple[HashTableState, InsertResult]:
+                   found: FindResult | None = None, now: jax.Array | None = None
+                   ) -> tuple[HashTableState, InsertResult]:
     """Finds keys and inserts the missing ones, all on the device.
 
     Args:
@@ -240,7 +241,8 @@ def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array
     overflow = rows_overflow | probe_overflow
     index = _restore_if(overflow, index, placed, prev)
     ok = need & ~overflow
-    state = state._replace(**index)
+    reused_tombstones = jnp.sum(ok & (prev[3] == TOMBSTONE), dtype=jnp.int32)
+    state = state._replace(**index, num_tombstones=state.num_tombstones - reused_tombstones)
 
     # Row writes: new rows only, out-of-range target for masked lanes (dropped).
     r = state.capacity
@@ -262,9 +264,11 @@ def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array
     seen = (found.found | ok) & ~overflow
     tgt = jnp.where(seen, rows, r)
     c = jnp.ones(n, jnp.int64) if counts is None else counts.astype(jnp.int64)
+    c = jnp.where(ok, c, state.count[jnp.where(seen, rows, 0)] + c)  # new rows: no stale count
+    stamp = state.step if now is None else jnp.asarray(now, jnp.int32)
     state = state._replace(
-        last_seen=state.last_seen.at[tgt].set(state.step, mode="drop"),
-        count=state.count.at[tgt].add(c, mode="drop"),
+        last_seen=state.last_seen.at[tgt].set(stamp, mode="drop"),
+        count=state.count.at[tgt].set(c, mode="drop"),
     )
     return state, InsertResult(rows, found.found, ok, overflow, jnp.where(overflow, 0, num_new))
 
@@ -367,18 +371,21 @@ def size(state: HashTableState) -> jax.Array:
     return state.capacity - state.num_free
 
 
-def rebuild_index(state: HashTableState, num_slots: int) -> tuple[HashTableState, jax.Array]:
+def rebuild_index(state: HashTableState, num_slots: int, max_probes: int = 128) -> tuple[HashTableState, jax.Array]:
     """Rehashes every live row into a fresh index of `num_slots` slots (a power of two;
     larger to grow, equal to drop tombstones). Rows are untouched. Runs on the device
     (jit it with num_slots static); call it between steps, work is O(R + S).
-    Returns (state, overflow): overflow means the index cannot hold the rows."""
+    Every key lands within `max_probes` slots of home (what `find` searches; use the
+    table's config value). Returns (state, overflow): overflow means some key did not,
+    and the caller must retry with more slots."""
     s = _pow2(num_slots)
     fresh = state._replace(
         slot_keys=jnp.zeros(s, jnp.int64), slot_tables=jnp.zeros(s, jnp.int32),
         slot_rows=jnp.zeros(s, jnp.int32), slot_state=jnp.zeros(s, jnp.int8),
         slot_claim=jnp.full(s, NO_LANE, jnp.int32), num_tombstones=jnp.asarray(0, jnp.int32))
     rows = jnp.arange(state.capacity, dtype=jnp.int32)
-    index, placed, _, overflow = _claim_slots(fresh, state.row_tables, state.row_keys, rows, state.row_live, s)
+    index, placed, _, overflow = _claim_slots(fresh, state.row_tables, state.row_keys, rows, state.row_live,
+                                              max_probes)
     out = fresh._replace(**index, row_slot=jnp.where(state.row_live, placed, state.row_slot))
     return out, overflow
 
