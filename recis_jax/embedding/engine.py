@@ -36,6 +36,7 @@ from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.dedup import Unique, sorted_segment_sum, unique_keys
 from recis_jax.embedding.initializers import Initializer
 from recis_jax.embedding.pooling import COMBINERS, expand, pool
+from recis_jax.features.functional import table_id_pairs
 from recis_jax.ragged import Ragged
 
 
@@ -242,14 +243,12 @@ class EmbeddingEngine:
         return new_state, Lookup(tables, rows)
 
     def _lanes(self, pname, features):
-        """Concatenates the table's features' values: (table index int32, id int64, valid)."""
-        t, ids, valid = [], [], []
-        for m in self.members[pname]:
-            r = _ragged(features, m.feature)
-            ids.append(r.values.astype(jnp.int64))
-            t.append(jnp.full(r.capacity, m.table_index, jnp.int32))
-            valid.append(r.value_mask())
-        return jnp.concatenate(t), jnp.concatenate(ids), jnp.concatenate(valid)
+        """The table's features' values concatenated, keyed on the exact (table index,
+        id) pair: (table index int32, id int64, valid) [N]."""
+        members = self.members[pname]
+        p = table_id_pairs({m.feature: _ragged(features, m.feature) for m in members},
+                           {m.feature: m.table_index for m in members})
+        return p.table, p.ids.astype(jnp.int64), p.mask
 
     def _admit(self, pname, sketch, u: Unique, missing):
         """(admit bool [N], sketch): counts the missing IDs' occurrences in the sketch
