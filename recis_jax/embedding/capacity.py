@@ -132,7 +132,6 @@ def grow(config: ht.TableConfig, state: ht.HashTableState, num_rows: int, num_sl
         # The index is rebuilt from the rows on the device: no need to carry it over.
         slot_keys=np.zeros(0, np.int64), slot_tables=np.zeros(0, np.int32),
         slot_rows=np.zeros(0, np.int32), slot_state=np.zeros(0, np.int8),
-        slot_claim=np.zeros(0, np.int32),
         embedding=pad(state.embedding),
         slots={k: pad(v, np.asarray(state.slot_defaults[k])) for k, v in state.slots.items()},
         slot_defaults={k: np.array(v) for k, v in state.slot_defaults.items()},

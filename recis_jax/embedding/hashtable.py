@@ -8,8 +8,6 @@ The table is *state*, a pytree of arrays passed into and returned from the jitte
     slot_rows int32 [S] - the slab row of a live slot
     slot_state int8 [S] - EMPTY / LIVE / TOMBSTONE (occupancy lives apart from keys, so
                           every int64, -1 and INT64_MIN included, is a valid ID)
-    slot_claim int32 [S] - scratch for deterministic insert contention (always NO_LANE
-                          between calls)
   rows (R rows, fixed at creation from a memory budget; never copied to grow):
     embedding [R, dim] (float32 or bfloat16), optimizer slots {name: [R, ...]} and
     their initial row values slot_defaults {name: [...]},
@@ -19,12 +17,13 @@ The table is *state*, a pytree of arrays passed into and returned from the jitte
     step int32 (this table's optimizer step counter)
 
 Open addressing with linear probing from a splitmix64 hash of (table, id). Lookups and
-inserts are vectorised `while_loop`s over the batch's lanes, bounded by `max_probes`:
-work per call is proportional to the batch, never to S or R. Inserts place keys in
-rounds; when several lanes want one free slot, the lowest lane wins (scatter-min on the
-claim scratch), so placement is deterministic. Row ids come from the free stack in lane
+inserts are vectorised `while_loop`s over the batch's lanes, bounded by `max_probes`,
+that carry only [N] arrays; the index is written by one scatter per array after the
+loop: work per call is proportional to the batch, never to S or R. Inserts place keys
+in rounds; when several lanes want one free slot, the lowest lane wins (a sort), so
+placement is deterministic. Row ids come from the free stack in lane
 order. If the rows or the probes run out, *nothing* is written (claimed slots are
-restored) and the call reports overflow; the host grows the index (`rebuild_index`) or
+never written) and the call reports overflow; the host grows the index (`rebuild_index`) or
 evicts, then reruns the step.
 """
 
@@ -40,7 +39,6 @@ import numpy as np
 from recis_jax.embedding.initializers import Initializer, initial_rows
 
 EMPTY, LIVE, TOMBSTONE = 0, 1, 2
-NO_LANE = np.iinfo(np.int32).max
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -80,7 +78,6 @@ class HashTableState(NamedTuple):
     slot_tables: jax.Array
     slot_rows: jax.Array
     slot_state: jax.Array
-    slot_claim: jax.Array
     embedding: jax.Array
     slots: dict
     slot_defaults: dict
@@ -109,9 +106,9 @@ class HashTableState(NamedTuple):
 def bytes_per_row(dim: int, dtype: str = "float32", slot_floats_per_row: int = 0, slots_per_row: float = 2.0) -> float:
     """Device bytes per slab row: embedding + optimizer slot floats + row metadata
     (key 8, table 4, slot 4, live 1, last_seen 4, count 8, free 4) + index slots per row
-    (key 8, table 4, row 4, state 1, claim 4 = 21 bytes each)."""
+    (key 8, table 4, row 4, state 1 = 17 bytes each)."""
     emb = dim * (2 if dtype == "bfloat16" else 4)
-    return emb + 4 * slot_floats_per_row + 33 + 21 * slots_per_row
+    return emb + 4 * slot_floats_per_row + 33 + 17 * slots_per_row
 
 
 def create(config: TableConfig, num_rows: int, num_slots: int | None = None, slot_init: dict | None = None
@@ -132,7 +129,6 @@ def create(config: TableConfig, num_rows: int, num_slots: int | None = None, slo
         slot_tables=jnp.zeros(s, jnp.int32),
         slot_rows=jnp.zeros(s, jnp.int32),
         slot_state=jnp.zeros(s, jnp.int8),
-        slot_claim=jnp.full(s, NO_LANE, jnp.int32),
         embedding=jnp.zeros((num_rows, config.dim), dt),
         slots=dict(slot_init or {}),
         slot_defaults={name: v[0] for name, v in (slot_init or {}).items()},
@@ -180,20 +176,22 @@ def find(state: HashTableState, tables: jax.Array, keys: jax.Array, valid: jax.A
     n = keys.shape[0]
 
     def cond(c):
-        i, _, active, _, _ = c
+        i, _, active, _, _, _ = c
         return (i < max_probes) & (jnp.sum(active) > 0)
 
     def body(c):
-        i, pos, active, slot, found = c
+        i, pos, active, slot, row, found = c
         st = state.slot_state[pos]
         hit = active & (st == LIVE) & (state.slot_keys[pos] == keys) & (state.slot_tables[pos] == tables)
+        # Rows are read inside the loop: a read after it would not be ordered before a
+        # later in-place write of slot_rows, and XLA would copy the [S] array to be safe.
+        row = jnp.where(hit, state.slot_rows[pos], row)
         # An empty slot ends the chain; tombstones are stepped over.
         active = active & ~hit & (st != EMPTY)
-        return i + 1, (pos + 1) & (s - 1), active, jnp.where(hit, pos, slot), found | hit
+        return i + 1, (pos + 1) & (s - 1), active, jnp.where(hit, pos, slot), row, found | hit
 
-    init = (jnp.int32(0), pos0, valid, jnp.full(n, -1, jnp.int32), jnp.zeros(n, bool))
-    _, _, _, slot, found = jax.lax.while_loop(cond, body, init)
-    rows = jnp.where(found, state.slot_rows[jnp.maximum(slot, 0)], 0)
+    init = (jnp.int32(0), pos0, valid, jnp.full(n, -1, jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, bool))
+    _, _, _, slot, rows, found = jax.lax.while_loop(cond, body, init)
     return FindResult(rows, found, slot)
 
 
@@ -237,12 +235,12 @@ def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array
     rank = jnp.cumsum(need, dtype=jnp.int32) - 1
     new_rows = state.free_rows[jnp.clip(state.num_free - 1 - rank, 0, state.capacity - 1)]
 
-    index, placed, prev, probe_overflow = _claim_slots(state, tables, keys, new_rows, need, config.max_probes)
+    placed, tomb, probe_overflow = _claim_slots(state, tables, keys, need, config.max_probes)
     overflow = rows_overflow | probe_overflow
-    index = _restore_if(overflow, index, placed, prev)
-    ok = need & ~overflow
-    reused_tombstones = jnp.sum(ok & (prev[3] == TOMBSTONE), dtype=jnp.int32)
-    state = state._replace(**index, num_tombstones=state.num_tombstones - reused_tombstones)
+    ok = need & ~overflow  # on overflow nothing below writes: the state comes back unchanged
+    reused_tombstones = jnp.sum(ok & tomb, dtype=jnp.int32)
+    state = state._replace(**_write_slots(state, ok, placed, tables, keys, new_rows),
+                           num_tombstones=state.num_tombstones - reused_tombstones)
 
     # Row writes: new rows only, out-of-range target for masked lanes (dropped).
     r = state.capacity
@@ -273,54 +271,56 @@ def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array
     return state, InsertResult(rows, found.found, ok, overflow, jnp.where(overflow, 0, num_new))
 
 
-def _claim_slots(state, tables, keys, new_rows, need, max_probes):
-    """Places the `need` lanes into free (EMPTY or TOMBSTONE) slots, lowest lane first.
+def _claim_slots(state, tables, keys, need, max_probes):
+    """Finds a free (EMPTY or TOMBSTONE) slot for each `need` lane, lowest lane first.
 
-    Returns (index arrays dict, placed slot per lane (-1 if none), overflow)."""
+    Reads the index but does not write it: the probe loop carries only [N] arrays
+    (carrying the [S] index through a while loop made XLA copy it every call, O(S)
+    work per step). Slots taken earlier in this call are tracked in the lanes' own
+    `placed` array (sorted + searchsorted each round), and lanes contending for one slot
+    in a round are resolved by a sort: the lowest lane wins. Every lane lands within
+    `max_probes` slots of home, where `find` looks.
+
+    Returns (placed int32 [N]: slot per lane or -1, was_tombstone bool [N]: the placed
+    slot held a tombstone, overflow: a need lane found none).
+    """
     s = state.num_slots
     n = keys.shape[0]
     lane = jnp.arange(n, dtype=jnp.int32)
+    none = jnp.int32(np.iinfo(np.int32).max)
 
     def cond(c):
-        i, _, active, *_ = c
+        i, _, active, _, _ = c
         return (i < max_probes) & (jnp.sum(active) > 0)
 
     def body(c):
-        i, pos, active, placed, prev, sk, stb, sr, sst, claim = c
-        free = active & (sst[pos] != LIVE)
-        tgt = jnp.where(free, pos, s)
-        claim = claim.at[tgt].min(lane, mode="drop")
-        won = free & (claim[pos] == lane)
-        claim = claim.at[tgt].set(NO_LANE, mode="drop")  # scratch back to NO_LANE
-        # Remember what the won slot held, to restore it on overflow.
-        prev = tuple(jnp.where(won, a[pos], p) for a, p in zip((sk, stb, sr, sst), prev))
-        w = jnp.where(won, pos, s)
-        sk = sk.at[w].set(keys, mode="drop")
-        stb = stb.at[w].set(tables, mode="drop")
-        sr = sr.at[w].set(new_rows, mode="drop")
-        sst = sst.at[w].set(jnp.int8(LIVE), mode="drop")
-        placed = jnp.where(won, pos, placed)
+        i, pos, active, placed, tomb = c
+        st = state.slot_state[pos]
+        claimed = jnp.sort(jnp.where(placed >= 0, placed, none))  # [N]
+        j = jnp.minimum(jnp.searchsorted(claimed, pos), n - 1)
+        free = active & (st != LIVE) & (claimed[j] != pos)
+        key, by_lane = jax.lax.sort((jnp.where(free, pos, none), lane), num_keys=2)
+        first = (key != none) & jnp.concatenate([jnp.ones(1, bool), key[1:] != key[:-1]])
+        won = jnp.zeros(n, bool).at[by_lane].set(first)
         active = active & ~won
-        pos = jnp.where(active, (pos + 1) & (s - 1), pos)
-        return i + 1, pos, active, placed, prev, sk, stb, sr, sst, claim
+        return (i + 1, jnp.where(active, (pos + 1) & (s - 1), pos), active, jnp.where(won, pos, placed),
+                tomb | (won & (st == TOMBSTONE)))
 
-    prev0 = (jnp.zeros(n, jnp.int64), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int8))
-    init = (jnp.int32(0), home_slot(tables, keys, s), need, jnp.full(n, -1, jnp.int32), prev0, state.slot_keys,
-            state.slot_tables, state.slot_rows, state.slot_state, state.slot_claim)
-    _, _, active, placed, prev, sk, stb, sr, sst, claim = jax.lax.while_loop(cond, body, init)
-    index = dict(slot_keys=sk, slot_tables=stb, slot_rows=sr, slot_state=sst, slot_claim=claim)
-    return index, placed, prev, jnp.sum(active) > 0
+    init = (jnp.int32(0), home_slot(tables, keys, s), need, jnp.full(n, -1, jnp.int32), jnp.zeros(n, bool))
+    _, _, active, placed, tomb = jax.lax.while_loop(cond, body, init)
+    return placed, tomb, jnp.sum(active) > 0
 
 
-def _restore_if(overflow, index: dict, placed, prev):
-    """On overflow, writes the pre-call values back into the slots this call claimed
-    (O(N), not O(S)): the index comes back bit-identical."""
-    s = index["slot_keys"].shape[0]
-    tgt = jnp.where(overflow & (placed >= 0), placed, s)
-    out = dict(index)
-    for name, p in zip(("slot_keys", "slot_tables", "slot_rows", "slot_state"), prev):
-        out[name] = index[name].at[tgt].set(p, mode="drop")
-    return out
+def _write_slots(state, ok, placed, tables, keys, rows) -> dict:
+    """Index arrays with lanes `ok` written LIVE at their `placed` slots (one scatter
+    each, in place under donation)."""
+    tgt = jnp.where(ok, placed, state.num_slots)
+    return dict(
+        slot_keys=state.slot_keys.at[tgt].set(keys, mode="drop"),
+        slot_tables=state.slot_tables.at[tgt].set(tables, mode="drop"),
+        slot_rows=state.slot_rows.at[tgt].set(rows, mode="drop"),
+        slot_state=state.slot_state.at[tgt].set(jnp.int8(LIVE), mode="drop"),
+    )
 
 
 def insert(config: TableConfig, state: HashTableState, tables: jax.Array, keys: jax.Array, valid: jax.Array,
@@ -382,10 +382,10 @@ def rebuild_index(state: HashTableState, num_slots: int, max_probes: int = 128) 
     fresh = state._replace(
         slot_keys=jnp.zeros(s, jnp.int64), slot_tables=jnp.zeros(s, jnp.int32),
         slot_rows=jnp.zeros(s, jnp.int32), slot_state=jnp.zeros(s, jnp.int8),
-        slot_claim=jnp.full(s, NO_LANE, jnp.int32), num_tombstones=jnp.asarray(0, jnp.int32))
+        num_tombstones=jnp.asarray(0, jnp.int32))
     rows = jnp.arange(state.capacity, dtype=jnp.int32)
-    index, placed, _, overflow = _claim_slots(fresh, state.row_tables, state.row_keys, rows, state.row_live,
-                                              max_probes)
+    placed, _, overflow = _claim_slots(fresh, state.row_tables, state.row_keys, state.row_live, max_probes)
+    index = _write_slots(fresh, state.row_live, placed, state.row_tables, state.row_keys, rows)
     out = fresh._replace(**index, row_slot=jnp.where(state.row_live, placed, state.row_slot))
     return out, overflow
 
