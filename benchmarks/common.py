@@ -182,6 +182,17 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def env_info(with_jax: bool = True) -> dict:
     """Machine, versions and date. Reads package versions from metadata (importing torch
     into a JAX process would break the one-framework-per-process rule)."""
@@ -190,11 +201,12 @@ def env_info(with_jax: bool = True) -> dict:
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
+        "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "numpy": np.__version__,
         "versions": {d: _version(d) for d in (
             "jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin",
-            "torch", "triton")},
+            "torch", "triton", "pyarrow")},
     }
     smi = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,"
                 "clocks.max.mem", "--format=csv,noheader"])

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from common import env_info  # noqa: E402  (benchmarks/ is the script dir)
 from recis_jax.io import synthetic  # noqa: E402
 from recis_jax.io.columns import FixedLenFeature, VarLenFeature  # noqa: E402
 from recis_jax.io.files import list_files  # noqa: E402
@@ -68,22 +68,6 @@ def timed(fn, repeats: int) -> tuple[float, int]:
     return statistics.median(times), rows
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import jax
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "pyarrow": pa.__version__, "numpy": np.__version__, "jax": jax.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-files", type=int, default=8)
@@ -116,15 +100,16 @@ def main() -> None:
                             "vs_baseline": rps / base})
             print(f"{fmt:8s} {name:32s} {rps:12,.0f} rows/s {nbytes / secs / 1e6:8.1f} MB/s  x{rps / base:.2f}")
 
-    env = machine()
+    env = env_info(with_jax=False)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "io", "machine": env, "batch_size": BATCH, "num_files": args.num_files,
                "rows_per_file": args.rows_per_file, "results": results}
     (out / "io_cpu.json").write_text(json.dumps(payload, indent=2))
-    lines = [f"# IO read throughput ({env['cpu']}, {env['cores']} cores)", "",
-             f"{env['date']}; Python {env['python']}, pyarrow {env['pyarrow']}, numpy {env['numpy']}, "
-             f"jax {env['jax']}. {args.num_files} files x {args.rows_per_file} rows of synthetic Criteo-like "
+    v = env["versions"]
+    lines = [f"# IO read throughput ({env['cpu']}, {env['cpu_count']} cores)", "",
+             f"{env['date_utc']}; Python {env['python']}, pyarrow {v['pyarrow']}, numpy {env['numpy']}, "
+             f"load average {os.getloadavg()[0]:.2f}. {args.num_files} files x {args.rows_per_file} rows of synthetic Criteo-like "
              f"data (label, 13 dense, 26 list<int64>), batches of {BATCH}, median of {args.repeats}.", "",
              "| format | reader | rows/s | on-disk MB/s | vs baseline |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['format']} | {r['config']} | {r['rows_per_sec']:,.0f} | {r['file_mb_per_sec']:.1f} | "

@@ -352,9 +352,9 @@ def _scatter(xp, out, dest, src):
 def slice_rows(r: Ragged, start: int, stop: int) -> Ragged:
     """Host: rows [start, stop) of a numpy Ragged, with exact capacity (a copy-free view
     of the values where possible)."""
-    s = np.asarray(r.row_splits, np.int64)
+    s = r.row_splits
     lo, hi = int(s[start]), int(s[stop])
-    splits = (s[start:stop + 1] - lo).astype(r.row_splits.dtype)
+    splits = s[start:stop + 1] - s.dtype.type(lo)
     if isinstance(r.values, Ragged):
         return Ragged(slice_rows(r.values, lo, hi), splits)
     w = None if r.weights is None else r.weights[lo:hi]
