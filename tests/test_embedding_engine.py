@@ -352,3 +352,21 @@ def test_combined_dense_and_sparse_update():
     ex3 = ht.export(tables3[pname].table)  # lr 0.09 at step 1 on the sparse side
     np.testing.assert_allclose(ex3["embedding"], ex["embedding"] - 0.09 * np.asarray(p0["w"] - 0.1 * np.asarray(
         lk.rows[pname][:2]).sum(0)), rtol=1e-5)
+
+
+def test_read_only_admission_trains_existing_rows_only():
+    from recis_jax.embedding.engine import Admission
+
+    opt = sparse_sgd(1.0)
+    eng = EmbeddingEngine({"f": EmbeddingOption(2, num_rows=8, admission=Admission.read_only())})
+    state = eng.init(opt)
+    (pname,) = eng.physical
+    tbl, _ = ht.insert(eng.physical[pname], state[pname].table, jnp.zeros(1, jnp.int32), jnp.array([5], jnp.int64),
+                       jnp.ones(1, bool), embedding=jnp.array([[1.0, 2.0]], jnp.float32))
+    state = {pname: state[pname]._replace(table=tbl)}
+    step = make_step(eng, opt)
+    state, _, out, _ = step(state, {"f": Ragged.from_lists([[5, 6], [6]], capacity=4)})
+    ex = ht.export(state[pname].table)
+    assert ex["ids"].tolist() == [5]  # 6 never admitted
+    assert not np.allclose(ex["embedding"][0], [1.0, 2.0])  # 5 trained
+    np.testing.assert_array_equal(np.asarray(out["f"][1]), 0.0)  # 6 reads zeros

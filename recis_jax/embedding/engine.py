@@ -55,6 +55,12 @@ class Admission:
         if self.min_count < 1 or self.width < 1 or not 1 <= self.depth <= 8:
             raise ValueError(f"Admission: need min_count >= 1, width >= 1, 1 <= depth <= 8; got {self}")
 
+    @classmethod
+    def read_only(cls) -> "Admission":
+        """RecIS's AdmitHook("ReadOnly"): no new IDs get rows; existing rows still train
+        (e.g. a table restored from a checkpoint and frozen in vocabulary)."""
+        return cls(min_count=np.iinfo(np.int32).max, width=1, depth=1)
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingOption:
