@@ -17,8 +17,15 @@ Vocabulary: N 64-bit IDs (vocab_key: a bijective mix of 0..N-1). IDs per step:
   zipf     rank ~ bounded Zipf(s=1.1) over N (continuous inverse CDF), rank -> index by a
            fixed random permutation (hot IDs are not adjacent rows);
 then a fraction --new-frac of each step's lookups (default 1%) are replaced by fresh IDs
-never seen before, so every step also inserts (streaming). The slab capacity R = N +
-room for all of them; uniform then zipf run on the same table.
+never seen before, so every step also inserts (streaming). Uniform then zipf run on the
+same table. The state is built as engine.init builds it, with the index sized for the rows
+live at the end (S = power of two >= 2 x (N + fresh IDs), load <= 0.5 as the host keeps
+it) and a slab R = N + room for the fresh IDs of every attempt.
+
+The 2 cores are shared: before each timing the benchmark waits for other processes to
+go quiet (/proc/stat minus its own CPU time), measures what they used during the timed
+steps, and retries a disturbed timing (--retries, with new fresh IDs) keeping the least
+disturbed one; each row records the other processes' CPU use.
 
 Per (N, dim): compile time, steady-state step time (median over --steps steps after
 --warmup, each step `block_until_ready`), unique and new IDs per step, bytes per slab row
@@ -62,7 +69,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 
 from recis_jax.embedding import hashtable as ht  # noqa: E402
-from recis_jax.embedding.engine import EmbeddingEngine, EmbeddingOption  # noqa: E402
+from recis_jax.embedding.engine import EmbeddingEngine, EmbeddingOption, TableState  # noqa: E402
 from recis_jax.optim.sparse import sparse_adam  # noqa: E402
 from recis_jax.ragged import Ragged  # noqa: E402
 
@@ -158,9 +165,13 @@ def table_bytes(state) -> int:
     return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(state))
 
 
-def estimate_bytes(capacity: int, dim: int) -> float:
-    s = ht._pow2(2 * capacity)
-    return capacity * ht.bytes_per_row(dim, "float32", 2 * dim, s / capacity)
+def index_slots(n: int) -> int:
+    """Index slots for n live rows: the power of two >= 2n (load <= 0.5)."""
+    return 1 << max(2 * n - 1, 1).bit_length()
+
+
+def estimate_bytes(capacity: int, dim: int, n: int) -> float:
+    return capacity * ht.bytes_per_row(dim, "float32", 2 * dim, index_slots(n) / capacity)
 
 
 def make_step(engine, opt):
@@ -249,7 +260,7 @@ def run_jax(sizes, dims, dists, args, data_dir: pathlib.Path | None):
             fresh_total = steps_total * new_per_step * len(dists)
             # Room for every fresh ID of every attempt (a retried timing uses new fresh IDs).
             capacity = n + fresh_total * (1 + args.retries) + 64
-            est = estimate_bytes(capacity, dim)
+            est = estimate_bytes(capacity, dim, n + fresh_total)
             if est > args.max_gb * 1e9:
                 skipped.append({"vocab": n, "dim": dim, "estimated_gb": round(est / 1e9, 2),
                                 "reason": f"table state would be {est / 1e9:.1f} GB > {args.max_gb} GB"})
@@ -270,7 +281,15 @@ def run_jax(sizes, dims, dists, args, data_dir: pathlib.Path | None):
 
             engine = EmbeddingEngine({"f": EmbeddingOption(dim, combiner="sum", num_rows=capacity)})
             t0 = time.perf_counter()
-            state = engine.init(opt)
+            # The state built directly, as engine.init does, except that the index is sized
+            # for the rows live by the end of the run (N + the fresh IDs of one attempt per
+            # distribution; S = the power of two >= 2x that, the engine's sizing, load <= 0.5
+            # as the host keeps it): the slab's room for retries must not lower the index
+            # load, and inserts must not push it past 0.5 (at 0.7 a step costs ~2x).
+            cfg = engine.physical["f"]
+            state = {"f": TableState(ht.create(cfg, capacity, num_slots=index_slots(n + fresh_total),
+                                               slot_init=opt.init(capacity, dim, jnp.float32)),
+                                     jnp.zeros((0, 0), jnp.int32))}
             jax.block_until_ready(state)
             t_init = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -410,6 +429,15 @@ def environment() -> dict:
         env = {"python": sys.version.split()[0], "numpy": np.__version__,
                "versions": {"jax": jax.__version__}, "cpu_count": os.cpu_count()}
     env["cpu_model"] = cpu_model()
+    # No git here (others commit): fingerprint the measured sources instead.
+    import hashlib  # noqa: PLC0415
+
+    env["source_sha256"] = {
+        f: hashlib.sha256((ROOT / f).read_bytes()).hexdigest()[:16]
+        for f in ("recis_jax/embedding/engine.py", "recis_jax/embedding/hashtable.py",
+                  "recis_jax/embedding/dedup.py", "recis_jax/embedding/pooling.py",
+                  "recis_jax/embedding/initializers.py", "recis_jax/optim/sparse.py")
+        if (ROOT / f).exists()}
     return env
 
 
@@ -434,7 +462,8 @@ def write_markdown(path: pathlib.Path, res: dict) -> None:
         f"Step = lookup (dedup, find_or_insert, gather) + pool + grad + sparse Adam, jitted, state donated. "
         f"Median of {a['steps']} steps after {a['warmup']} warm-up steps, each step synchronised. "
         f"N = live rows pre-filled; R = slab capacity = N + room for every fresh ID. "
-        f"zipf: bounded Zipf s={ZIPF_S}.",
+        f"zipf: bounded Zipf s={ZIPF_S}. Whole run (JAX + torch, incl. waits for a quiet machine): "
+        f"{res['total_s']:.0f} s.",
         "",
         "torch (mapped): torch.unique + sorted int64 key index with torch.searchsorted, new IDs "
         "merged into the sorted index (O(N) per step with new IDs), EmbeddingBag(sum, sparse=True), "
@@ -443,21 +472,27 @@ def write_markdown(path: pathlib.Path, res: dict) -> None:
         "processes during the timed steps (recis-jax/torch mapped/torch static); a timing with > "
         f"{a['max_other_cores']} was retried (up to {a['retries']} times) after waiting for a quiet machine.",
         "",
-        "| N (live rows) | IDs | dim | unique/step | new/step | recis-jax ms | torch mapped ms | "
+        "index load = N / S at the start -> live rows / S at the end (S index slots = the power of two >= "
+        "2 x the rows live at the end, the engine's sizing; the slab R has extra room for retries): longer "
+        "probe chains at higher load.",
+        "",
+        "| N (live rows) | IDs | dim | index load | unique/step | new/step | recis-jax ms | torch mapped ms | "
         "torch static ms | ratio mapped | ratio static | compile s | others' CPU (cores) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         tm, ts = r.get("torch_mapped_ms"), r.get("torch_static_ms")
         lines.append(
-            f"| {r['vocab']:,} | {r['dist']} | {r['dim']} | {r['unique_ids_per_step']:.0f} | "
+            f"| {r['vocab']:,} | {r['dist']} | {r['dim']} | {r['vocab'] / r['index_slots']:.2f}-"
+            f"{r['live_rows_end'] / r['index_slots']:.2f} | "
+            f"{r['unique_ids_per_step']:.0f} | "
             f"{r['new_ids_per_step']:.0f} | {r['median_ms']:.2f} | {fmt(tm)} | {fmt(ts)} | "
             f"{fmt(tm / r['median_ms'] if tm else None)} | {fmt(ts / r['median_ms'] if ts else None)} | "
             f"{r['compile_s']:.1f} | "
             + "/".join(fmt(r.get(k)) for k in ("other_cpu_cores", "torch_mapped_other_cpu_cores",
                                                "torch_static_other_cpu_cores") if r.get(k) is not None) + " |")
     for s in res["skipped"]:
-        lines.append(f"| {s['vocab']:,} | (skipped) | {s['dim']} | | | {s['reason']} | | | | | | |")
+        lines.append(f"| {s['vocab']:,} | (skipped) | {s['dim']} | | | | {s['reason']} | | | | | | |")
     lines += ["", "## Flatness: step time at the largest vs the smallest table (same batch)", "",
               "| IDs | dim | N small -> large | recis-jax ms | x | torch mapped ms | x | torch static ms | x |",
               "|---|---:|---|---|---:|---|---:|---|---:|"]
@@ -476,10 +511,12 @@ def write_markdown(path: pathlib.Path, res: dict) -> None:
         "",
         "## Bytes per row",
         "",
-        "Formula (`hashtable.bytes_per_row`): dim x 4 (embedding) + 2 x dim x 4 (Adam m, v) + 33 "
-        "(row metadata: key 8, table 4, slot 4, live 1, last_seen 4, count 8, free 4) + 21 x S/R "
-        "(index: key 8, table 4, row 4, state 1 per slot; S = power of two >= 2R, so S/R is "
-        "in [2, 4)). Measured = sum of nbytes of every array of the table state / R.",
+        "Formula: `hashtable.bytes_per_row(dim, 'float32', slot_floats_per_row=2 * dim, "
+        "slots_per_row=S / R)` (Adam keeps m and v, 2 x dim floats); its docstring: "
+        + " ".join((ht.bytes_per_row.__doc__ or "").split()) + " Here S = the power of two >= 2 x (N + fresh IDs "
+        "of one attempt per distribution) and R = N + room for every fresh ID of every attempt, so S/R varies; the last formula column is the engine's "
+        "default sizing S = 2R. Measured = sum of nbytes of every array of the table state / R (per slab row) or / N "
+        "(per pre-filled live row).",
         "",
         "| N | dim | R (slab rows) | S (index slots) | S/R | formula B/row | measured B/slab row | "
         "measured B/live row | formula at S/R = 2 | state GB |",
@@ -509,7 +546,7 @@ def main(argv=None) -> int:
     p.add_argument("--bags", type=int, default=4096)
     p.add_argument("--ids-per-bag", type=int, default=4)
     p.add_argument("--new-frac", type=float, default=0.01)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--prefill-chunk", type=int, default=1 << 20)
     p.add_argument("--max-gb", type=float, default=8.0)

@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 
 
+_INVALID_TABLE = jnp.iinfo(jnp.int32).max
+
+
 class Unique(NamedTuple):
     """Unique keys of N lanes, compacted to the front in ascending (table, id) order.
 
@@ -37,15 +40,16 @@ class Unique(NamedTuple):
 def unique_keys(tables: jax.Array, keys: jax.Array, valid: jax.Array) -> Unique:
     """Dedups (tables [N] int32, keys [N] int64) over the lanes where valid [N].
 
-    Any int64 is a key: invalid lanes are sorted last by a flag, not marked by a
-    sentinel ID.
+    Any int64 is a key: invalid lanes are sorted last through their *table index*
+    (set to INT32_MAX, never a real table index), not through a sentinel ID. That keeps
+    the sort at two keys (a third key flag made it ~4x slower on CPU).
     """
     n = keys.shape[0]
     lane = jnp.arange(n, dtype=jnp.int32)
-    invalid = (~valid).astype(jnp.int8)
-    s_inv, s_t, s_k, order = jax.lax.sort((invalid, tables.astype(jnp.int32), keys.astype(jnp.int64), lane),
-                                          num_keys=3)
-    s_valid = s_inv == 0
+    t_key = jnp.where(valid, tables.astype(jnp.int32), _INVALID_TABLE)
+    # Stable: equal keys keep lane order, so gradient sums add in a fixed order.
+    s_t, s_k, order = jax.lax.sort((t_key, keys.astype(jnp.int64), lane), num_keys=2, is_stable=True)
+    s_valid = s_t != _INVALID_TABLE
     new = jnp.concatenate([jnp.ones(1, bool), (s_t[1:] != s_t[:-1]) | (s_k[1:] != s_k[:-1])]) if n else s_valid
     first = s_valid & new
     seg = jnp.cumsum(first, dtype=jnp.int32) - 1
