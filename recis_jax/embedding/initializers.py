@@ -65,27 +65,33 @@ def row_keys(tables: jax.Array, ids: jax.Array, seed: int) -> jax.Array:
 
 
 def initial_rows(init: Initializer, tables: jax.Array, ids: jax.Array, dim: int, seed: int) -> jax.Array:
-    """[N, dim] float32 initial values for (tables [N] int32, ids [N] int64)."""
+    """[N, dim] float32 initial values for (tables [N] int32, ids [N] int64).
+
+    Bitwise stable across programs: the same (table, id) gets the same bits whatever the
+    batch shape, device count or surrounding step. Two rules make that so on GPU, where
+    XLA's fusion choices differ between programs: the standard draw z (uniform [0, 1)
+    or normal) is computed from the threefry bits alone, and optimization barriers keep
+    the scale and the shift in fusions of their own, so `shift + scale * z` can never be
+    contracted into an FMA in one program and not in another.
+    """
     n = ids.shape[0]
     if init.kind == "constant":
         return jnp.full((n, dim), init.value, jnp.float32)
     keys = row_keys(tables, ids, seed)
-    if init.kind == "uniform":
-        draw = lambda k: jax.random.uniform(k, (dim,), jnp.float32, _f32(init.minval), _f32(init.maxval))  # noqa: E731
-    elif init.kind == "normal":
-        draw = lambda k: _f32(init.mean) + _f32(init.std) * jax.random.normal(k, (dim,), jnp.float32)  # noqa: E731
+    if init.kind in ("uniform", "xavier_uniform"):
+        lim = math.sqrt(6.0 / (init.fan_in + dim))
+        lo, hi = (init.minval, init.maxval) if init.kind == "uniform" else (-lim, lim)
+        z = jax.vmap(lambda k: jax.random.uniform(k, (dim,), jnp.float32))(keys)
+        shift, scale = lo, hi - lo
     elif init.kind == "truncated_normal":
-        draw = lambda k: _f32(init.mean) + _f32(init.std) * jax.random.truncated_normal(  # noqa: E731
-            k, _f32(init.a), _f32(init.b), (dim,), jnp.float32)
-    else:
-        fan = init.fan_in + dim
-        if init.kind == "xavier_uniform":
-            lim = math.sqrt(6.0 / fan)
-            draw = lambda k: jax.random.uniform(k, (dim,), jnp.float32, _f32(-lim), _f32(lim))  # noqa: E731
-        else:
-            std = math.sqrt(2.0 / fan)
-            draw = lambda k: _f32(std) * jax.random.normal(k, (dim,), jnp.float32)  # noqa: E731
-    return jax.vmap(draw)(keys)
+        z = jax.vmap(lambda k: jax.random.truncated_normal(k, _f32(init.a), _f32(init.b), (dim,), jnp.float32))(keys)
+        shift, scale = init.mean, init.std
+    else:  # normal, xavier_normal
+        z = jax.vmap(lambda k: jax.random.normal(k, (dim,), jnp.float32))(keys)
+        shift, scale = (init.mean, init.std) if init.kind == "normal" else (0.0, math.sqrt(2.0 / (init.fan_in + dim)))
+    z = jax.lax.optimization_barrier(z)
+    scaled = jax.lax.optimization_barrier(_f32(scale) * z)
+    return scaled + _f32(shift)
 
 
 def _f32(x: float) -> jax.Array:
