@@ -127,7 +127,7 @@ def _bucketize_kernel(x_ref, b_ref, o_ref, *, total, n, n_table, p, block, layou
     if partial:
         offs = pl.program_id(0) * block + lax.broadcasted_iota(jnp.int32, (block,), 0)
         mask = offs < total                                            # [block]
-        x = plgpu.load(x_ref, mask=mask, other=0.0, eviction_policy=x_evict)
+        x = plgpu.load(x_ref, mask=mask, other=jnp.zeros((), x_ref.dtype), eviction_policy=x_evict)
     else:
         mask = None
         x = plgpu.load(x_ref, eviction_policy=x_evict)                  # [block]

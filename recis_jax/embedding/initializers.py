@@ -64,15 +64,24 @@ def row_keys(tables: jax.Array, ids: jax.Array, seed: int) -> jax.Array:
     return jax.vmap(one)(tables.astype(jnp.uint32), lo, hi)
 
 
+# Candidates drawn per value for the truncated normal (first one inside [a, b] wins).
+TRUNCATION_DRAWS = 8
+
+
 def initial_rows(init: Initializer, tables: jax.Array, ids: jax.Array, dim: int, seed: int) -> jax.Array:
     """[N, dim] float32 initial values for (tables [N] int32, ids [N] int64).
 
     Bitwise stable across programs: the same (table, id) gets the same bits whatever the
-    batch shape, device count or surrounding step. Two rules make that so on GPU, where
-    XLA's fusion choices differ between programs: the standard draw z (uniform [0, 1)
-    or normal) is computed from the threefry bits alone, and optimization barriers keep
-    the scale and the shift in fusions of their own, so `shift + scale * z` can never be
-    contracted into an FMA in one program and not in another.
+    batch shape, device count or surrounding step. On GPU, XLA may contract `a * b + c`
+    into an FMA in one program and not in another (fusion choices differ), so the draws
+    use no multiply-add at all: uniforms come from the threefry bits by bit operations
+    (exact), normals by Box-Muller `sqrt(-2 log u1) * cos(2 pi u2)` (products of
+    correctly rounded library calls), and optimization barriers keep the final
+    `shift + scale * z` in separate fusions.
+
+    The truncated normal takes, per value, the first of TRUNCATION_DRAWS normal draws
+    inside [a, b]; if none is (probability (1 - P[a <= z <= b])**8, about 1e-11 for
+    RecIS's default a, b = -2, 2), the last draw is clipped into [a, b].
     """
     n = ids.shape[0]
     if init.kind == "constant":
@@ -81,17 +90,36 @@ def initial_rows(init: Initializer, tables: jax.Array, ids: jax.Array, dim: int,
     if init.kind in ("uniform", "xavier_uniform"):
         lim = math.sqrt(6.0 / (init.fan_in + dim))
         lo, hi = (init.minval, init.maxval) if init.kind == "uniform" else (-lim, lim)
-        z = jax.vmap(lambda k: jax.random.uniform(k, (dim,), jnp.float32))(keys)
+        z = _unit(jax.vmap(lambda k: jax.random.bits(k, (dim,), jnp.uint32))(keys))
         shift, scale = lo, hi - lo
     elif init.kind == "truncated_normal":
-        z = jax.vmap(lambda k: jax.random.truncated_normal(k, _f32(init.a), _f32(init.b), (dim,), jnp.float32))(keys)
+        draws = _normal(keys, (TRUNCATION_DRAWS, dim))  # [N, K, dim]
+        inside = (draws >= init.a) & (draws <= init.b)
+        first = jnp.argmax(inside, axis=1)  # [N, dim]; 0 when none is inside
+        any_inside = jnp.any(inside, axis=1)
+        picked = jnp.take_along_axis(draws, first[:, None, :], axis=1)[:, 0]
+        z = jnp.where(any_inside, picked, jnp.clip(draws[:, -1], _f32(init.a), _f32(init.b)))
         shift, scale = init.mean, init.std
     else:  # normal, xavier_normal
-        z = jax.vmap(lambda k: jax.random.normal(k, (dim,), jnp.float32))(keys)
+        z = _normal(keys, (dim,))
         shift, scale = (init.mean, init.std) if init.kind == "normal" else (0.0, math.sqrt(2.0 / (init.fan_in + dim)))
     z = jax.lax.optimization_barrier(z)
     scaled = jax.lax.optimization_barrier(_f32(scale) * z)
     return scaled + _f32(shift)
+
+
+def _unit(bits: jax.Array) -> jax.Array:
+    """uint32 bits -> float32 uniform in [0, 1), exactly: 23 random mantissa bits."""
+    one_to_two = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32)
+    return one_to_two - _f32(1.0)
+
+
+def _normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """[N, *shape] standard normals by Box-Muller, with no multiply-add to contract."""
+    bits = jax.vmap(lambda k: jax.random.bits(k, (2,) + shape, jnp.uint32))(keys)
+    u1 = _f32(1.0) - _unit(bits[:, 0])  # (0, 1]: log is finite
+    u2 = _unit(bits[:, 1])
+    return jnp.sqrt(_f32(-2.0) * jnp.log(u1)) * jnp.cos(_f32(2.0 * math.pi) * u2)
 
 
 def _f32(x: float) -> jax.Array:
