@@ -370,3 +370,26 @@ def test_read_only_admission_trains_existing_rows_only():
     assert ex["ids"].tolist() == [5]  # 6 never admitted
     assert not np.allclose(ex["embedding"][0], [1.0, 2.0])  # 5 trained
     np.testing.assert_array_equal(np.asarray(out["f"][1]), 0.0)  # 6 reads zeros
+
+
+def test_engine_eviction_policy_on_the_global_step_clock():
+    from recis_jax.embedding.eviction import EvictionPolicy
+
+    opt = sparse_sgd(0.1)
+    eng = EmbeddingEngine({"f": EmbeddingOption(2, num_rows=16, eviction=EvictionPolicy(max_age=2, every=1))})
+    state = eng.init(opt)
+    (pname,) = eng.physical
+
+    @jax.jit
+    def step(state, feats, gstep):
+        state, lk = eng.lookup(state, feats, step=gstep)
+        g = jax.grad(lambda rows: jnp.sum(eng.pool(rows, lk, feats)["f"]))(lk.rows)
+        return eng.apply_gradients(state, lk, g, opt)[0]
+
+    seen = {0: [[1, 2]], 1: [[2]], 2: [[2]], 3: [[2, 3]]}
+    for t in range(4):
+        state = step(state, {"f": Ragged.from_lists(seen[t], capacity=4)}, jnp.int32(t))
+        state, n = eng.evict(state, t, global_step=t)
+    # id 1 was last seen at step 0: at step 3 its age 3 > 2, so it is gone; 2 and 3 stay.
+    assert ht.export(state[pname].table)["ids"].tolist() == [2, 3]
+    assert int(n[pname]) == 1

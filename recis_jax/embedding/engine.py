@@ -12,7 +12,8 @@
     (loss, (g_params, g_rows)) = value_and_grad(loss_fn, argnums=(0, 1))(params, lk.rows)
     state, stats = engine.apply_gradients(state, lk, g_rows, sparse_opt)
 
-Features whose options agree on (dim, dtype, initializer, trainable, admission) share
+Features whose options agree on (dim, dtype, initializer, trainable, admission,
+eviction) share
 one physical table; each *logical* table (a feature, or all features with the same
 `shared_name`) keeps its own table index, so (table index, id) keys stay exact. One
 dedup + lookup + gather runs per physical table, not per feature.
@@ -34,6 +35,7 @@ import numpy as np
 
 from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.dedup import Unique, sorted_segment_sum, unique_keys
+from recis_jax.embedding.eviction import EvictionPolicy, maybe_evict
 from recis_jax.embedding.initializers import Initializer
 from recis_jax.embedding.pooling import COMBINERS, expand, pool
 from recis_jax.features.functional import table_id_pairs
@@ -73,6 +75,8 @@ class EmbeddingOption:
     shared_name: features with the same shared_name use the same logical table.
     num_rows: slab rows reserved for this logical table (merged tables add them up).
     admission: optional Admission policy.
+    eviction: optional `eviction.EvictionPolicy` (stale IDs, LFU size cap), run by
+      `EmbeddingEngine.evict` between steps.
     """
 
     dim: int
@@ -85,6 +89,7 @@ class EmbeddingOption:
     shared_name: str | None = None
     num_rows: int = 1 << 16
     admission: Admission | None = None
+    eviction: EvictionPolicy | None = None
 
     def __post_init__(self):
         if self.dim < 1:
@@ -97,7 +102,7 @@ class EmbeddingOption:
             raise ValueError("EmbeddingOption: num_rows must be >= 1")
 
     def merge_key(self) -> tuple:
-        return (self.dim, self.dtype, self.initializer, self.trainable, self.admission)
+        return (self.dim, self.dtype, self.initializer, self.trainable, self.admission, self.eviction)
 
 
 class TableState(NamedTuple):
@@ -189,6 +194,7 @@ class EmbeddingEngine:
         self.members: dict[str, list[_Member]] = {}
         self.num_rows: dict[str, int] = {}
         self._admission: dict[str, Admission | None] = {}
+        self._eviction: dict[str, EvictionPolicy | None] = {}
         self._trainable: dict[str, bool] = {}
         for i, keys in enumerate(groups.values()):
             opt = logical[keys[0]]
@@ -198,6 +204,7 @@ class EmbeddingEngine:
                                                   streams)
             self.num_rows[pname] = sum(logical[k].num_rows for k in keys)
             self._admission[pname] = opt.admission
+            self._eviction[pname] = opt.eviction
             self._trainable[pname] = opt.trainable
             self.members[pname] = [_Member(f, keys.index(o.shared_name or f), o)
                                    for f, o in self.options.items() if (o.shared_name or f) in keys]
@@ -320,6 +327,21 @@ class EmbeddingEngine:
                         ) -> tuple[dict[str, TableState], dict]:
         """`apply_sparse(sparse_grads(lookup, row_grads, skip))` in one call."""
         return self.apply_sparse(state, self.sparse_grads(lookup, row_grads, skip), optimizer, lr_step)
+
+    def evict(self, state: dict[str, TableState], step: int, global_step: jax.Array | int | None = None
+              ) -> tuple[dict[str, TableState], dict[str, jax.Array]]:
+        """Runs each table's eviction policy when `step % policy.every == 0` (host side,
+        between steps; the tables are donated). `global_step`: the clock `last_seen` was
+        stamped with (the `step` passed to `lookup`); default each table's step counter.
+        Returns (state, {table: num_evicted})."""
+        out, counts = dict(state), {}
+        for pname, policy in self._eviction.items():
+            if policy is None:
+                continue
+            tbl, n = maybe_evict(policy, state[pname].table, step, global_step)
+            out[pname] = state[pname]._replace(table=tbl)
+            counts[pname] = n
+        return out, counts
 
     @staticmethod
     def overflow(lookup: Lookup) -> jax.Array:
