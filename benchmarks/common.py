@@ -224,6 +224,46 @@ def env_info(with_jax: bool = True) -> dict:
     return info
 
 
+# ----------------------------------------------------------------------------- contention
+
+def _busy_jiffies() -> int:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
+
+
+def _self_jiffies() -> int:
+    with open("/proc/self/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return int(rest[11]) + int(rest[12])  # utime + stime, all threads of this process
+
+
+class CpuMonitor:
+    """CPU used by *other* processes while this one runs (in cores): the machine's busy
+    time minus ours. The 2 cores are shared with other people's jobs; a timing taken
+    while others used a sizeable part of a core is retried."""
+
+    def __init__(self):
+        self.t, self.busy, self.me = time.perf_counter(), _busy_jiffies(), _self_jiffies()
+
+    def other_cores(self) -> float:
+        dt = time.perf_counter() - self.t
+        other = (_busy_jiffies() - self.busy) - (_self_jiffies() - self.me)
+        return max(0.0, other / os.sysconf("SC_CLK_TCK") / max(dt, 1e-6))
+
+
+def wait_quiet(threshold: float, timeout: float) -> float:
+    """Waits (idle, 1 s samples) until other processes use < threshold cores; returns the
+    seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        m = CpuMonitor()
+        time.sleep(1.0)
+        if m.other_cores() < threshold:
+            break
+    return time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------- output
 
 def md_table(rows: Iterable[dict], columns: Sequence[str]) -> str:

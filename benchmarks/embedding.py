@@ -73,10 +73,8 @@ from recis_jax.embedding.engine import EmbeddingEngine, EmbeddingOption, TableSt
 from recis_jax.optim.sparse import sparse_adam  # noqa: E402
 from recis_jax.ragged import Ragged  # noqa: E402
 
-try:
-    import common  # benchmarks/common.py (shared helpers, framework-free)
-except ImportError:  # pragma: no cover
-    common = None
+import common  # noqa: E402  benchmarks/common.py (shared helpers, framework-free)
+from common import CpuMonitor, wait_quiet  # noqa: E402
 
 TORCH_VENV = pathlib.Path("/tmp/recis-torch-venv")
 TORCH_SCRIPT = ROOT / "benchmarks" / "torch_baseline" / "embedding_cpu.py"
@@ -119,45 +117,6 @@ def id_stream(n: int, dist: str, steps: int, lookups: int, new_per_step: int, fr
 
 
 # ----------------------------------------------------------------------------- contention
-
-def _busy_jiffies() -> int:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
-
-
-def _self_jiffies() -> int:
-    with open("/proc/self/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return int(rest[11]) + int(rest[12])  # utime + stime, all threads of this process
-
-
-class CpuMonitor:
-    """CPU used by *other* processes while this one runs (in cores): the machine's busy
-    time minus ours. The 2 cores are shared with other people's jobs; a timing taken
-    while others used a sizeable part of a core is retried. (The torch baseline has
-    the same helper.)"""
-
-    def __init__(self):
-        self.t, self.busy, self.me = time.perf_counter(), _busy_jiffies(), _self_jiffies()
-
-    def other_cores(self) -> float:
-        dt = time.perf_counter() - self.t
-        other = (_busy_jiffies() - self.busy) - (_self_jiffies() - self.me)
-        return max(0.0, other / os.sysconf("SC_CLK_TCK") / max(dt, 1e-6))
-
-
-def wait_quiet(threshold: float, timeout: float) -> float:
-    """Waits (idle, 1 s samples) until other processes use < threshold cores; returns the
-    seconds waited."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        m = CpuMonitor()
-        time.sleep(1.0)
-        if m.other_cores() < threshold:
-            break
-    return time.perf_counter() - t0
-
 
 # ----------------------------------------------------------------------------- jax side
 

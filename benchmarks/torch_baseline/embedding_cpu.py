@@ -41,6 +41,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # benchmarks/
+from common import CpuMonitor, wait_quiet  # noqa: E402
+
 
 def vocab_key(idx: np.ndarray) -> np.ndarray:
     """int64 ID of vocabulary index idx: the splitmix64 finalizer of (idx + 1), a
@@ -52,41 +55,6 @@ def vocab_key(idx: np.ndarray) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
     return x.view(np.int64)
-
-
-def _busy_jiffies() -> int:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
-
-
-def _self_jiffies() -> int:
-    with open("/proc/self/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return int(rest[11]) + int(rest[12])  # utime + stime, all threads of this process
-
-
-class CpuMonitor:
-    """CPU used by other processes while this one runs, in cores (same as
-    benchmarks/embedding.py's): a timing taken while others used the cores is retried."""
-
-    def __init__(self):
-        self.t, self.busy, self.me = time.perf_counter(), _busy_jiffies(), _self_jiffies()
-
-    def other_cores(self) -> float:
-        dt = time.perf_counter() - self.t
-        other = (_busy_jiffies() - self.busy) - (_self_jiffies() - self.me)
-        return max(0.0, other / os.sysconf("SC_CLK_TCK") / max(dt, 1e-6))
-
-
-def wait_quiet(threshold: float, timeout: float) -> float:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        m = CpuMonitor()
-        time.sleep(1.0)
-        if m.other_cores() < threshold:
-            break
-    return time.perf_counter() - t0
 
 
 class SortedIndex:
