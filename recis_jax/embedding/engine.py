@@ -234,8 +234,8 @@ class EmbeddingEngine:
             t_idx, ids, valid = self._lanes(pname, features)
             u = unique_keys(t_idx, ids, valid)
             ts = state[pname]
+            f = ht.find(ts.table, u.tables, u.keys, u.valid, cfg.max_probes)
             if train:
-                f = ht.find(ts.table, u.tables, u.keys, u.valid, cfg.max_probes)
                 admit, sketch = self._admit(pname, ts.sketch, u, u.valid & ~f.found)
                 tstate, res = ht.find_or_insert(cfg, ts.table, u.tables, u.keys, u.valid, u.counts, admit, f, step)
                 live = u.valid & ~res.overflow & (res.found | res.is_new)
@@ -245,7 +245,6 @@ class EmbeddingEngine:
                 sketch = jnp.where(overflow, ts.sketch, sketch)
                 new_state[pname] = TableState(tstate, sketch)
             else:
-                f = ht.find(ts.table, u.tables, u.keys, u.valid, cfg.max_probes)
                 live, row_ids, overflow, new = f.found, f.rows, jnp.asarray(False), jnp.asarray(0, jnp.int32)
                 not_admitted = jnp.asarray(0, jnp.int32)
                 new_state[pname] = ts
