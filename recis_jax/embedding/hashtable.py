@@ -30,6 +30,7 @@ evicts, then reruns the step.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -209,7 +210,8 @@ class InsertResult(NamedTuple):
 
 def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array, keys: jax.Array,
                    valid: jax.Array, counts: jax.Array | None = None, admit: jax.Array | None = None,
-                   found: FindResult | None = None, now: jax.Array | None = None
+                   found: FindResult | None = None, now: jax.Array | None = None,
+                   agree: Callable[[jax.Array], jax.Array] | None = None
                    ) -> tuple[HashTableState, InsertResult]:
     """Finds keys and inserts the missing ones, all on the device.
 
@@ -237,6 +239,8 @@ def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array
 
     placed, tomb, probe_overflow = _claim_slots(state, tables, keys, need, config.max_probes)
     overflow = rows_overflow | probe_overflow
+    if agree is not None:
+        overflow = agree(overflow)
     ok = need & ~overflow  # on overflow nothing below writes: the state comes back unchanged
     reused_tombstones = jnp.sum(ok & tomb, dtype=jnp.int32)
     state = state._replace(**_write_slots(state, ok, placed, tables, keys, new_rows),

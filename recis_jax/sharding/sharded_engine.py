@@ -30,8 +30,8 @@ Overflow (never a silent drop). A bucket overflow (more unique keys for one owne
 is agreed over the mesh (psum) *before* anything is written: then no shard writes
 anything for that table (state unchanged), the step's updates are skipped and
 `metrics["skipped"]` is set, so the host can grow and rerun. The insert pre-check is an
-exact dry run of the hashtable's slot claim (it costs a second probe loop per step;
-a `find_or_insert` that takes an external commit flag would remove it).
+`agree` hook of `find_or_insert`, which reduces the overflow flag over the mesh before
+the insert writes anything.
 
 Dense params are replicated (data parallel): the per-device loss is the local mean / n,
 so psum of its gradients is the gradient of the global mean. ZeRO-style sharding of the
@@ -179,15 +179,11 @@ class ShardedEmbeddingEngine:
             tbl = state[p].table
             f = ht.find(tbl, ou.tables, ou.keys, ou.valid, cfg.max_probes)
             if train:
-                # Dry run of the insert so that all owners commit or none does.
-                need = ou.valid & ~f.found
-                rows_ovf = jnp.sum(need, dtype=jnp.int32) > tbl.num_free
-                _, _, probe_ovf = ht._claim_slots(tbl, ou.tables, ou.keys, need & ~rows_ovf, cfg.max_probes)
-                insert_ovf = _any(rows_ovf | probe_ovf)
-                ok = ~insert_ovf
                 counts = sorted_segment_sum(r_counts[ou.order], ou.sorted_segment, m)
-                f_ok = ht.FindResult(f.rows, f.found & ok, f.slot)
-                tbl, res = ht.find_or_insert(cfg, tbl, ou.tables, ou.keys, ou.valid & ok, counts, None, f_ok, step)
+                # `agree` makes the overflow mesh-wide before any write: all owners commit or none does.
+                tbl, res = ht.find_or_insert(cfg, tbl, ou.tables, ou.keys, ou.valid, counts, None, f, step, agree=_any)
+                insert_ovf = res.overflow
+                ok = ~insert_ovf
                 live_o = ou.valid & ok & (res.found | res.is_new)
                 row_ids, new = res.rows, jax.lax.psum(res.num_new, AXIS)
                 new_state[p] = state[p]._replace(table=tbl)
