@@ -224,6 +224,20 @@ def env_info(with_jax: bool = True) -> dict:
     return info
 
 
+# ----------------------------------------------------------------------------- data
+
+def vocab_key(idx: np.ndarray) -> np.ndarray:
+    """int64 ID of vocabulary index idx: the splitmix64 finalizer of (idx + 1), a
+    bijection of uint64, so distinct indices give distinct 64-bit IDs (shared by the JAX
+    and PyTorch sides of benchmarks/embedding.py)."""
+    x = np.asarray(idx).astype(np.uint64) + np.uint64(1)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x.view(np.int64)
+
+
 # ----------------------------------------------------------------------------- contention
 
 def _busy_jiffies() -> int:

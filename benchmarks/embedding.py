@@ -74,7 +74,7 @@ from recis_jax.optim.sparse import sparse_adam  # noqa: E402
 from recis_jax.ragged import Ragged  # noqa: E402
 
 import common  # noqa: E402  benchmarks/common.py (shared helpers, framework-free)
-from common import CpuMonitor, wait_quiet  # noqa: E402
+from common import CpuMonitor, vocab_key, wait_quiet  # noqa: E402
 
 TORCH_VENV = pathlib.Path("/tmp/recis-torch-venv")
 TORCH_SCRIPT = ROOT / "benchmarks" / "torch_baseline" / "embedding_cpu.py"
@@ -82,17 +82,6 @@ ZIPF_S = 1.1
 
 
 # ----------------------------------------------------------------------------- data
-
-def vocab_key(idx: np.ndarray) -> np.ndarray:
-    """int64 ID of vocabulary index idx: splitmix64 finalizer of (idx + 1), a bijection
-    of uint64 (distinct indices -> distinct IDs). The torch baseline has the same."""
-    x = np.asarray(idx).astype(np.uint64) + np.uint64(1)
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return x.view(np.int64)
-
 
 def id_stream(n: int, dist: str, steps: int, lookups: int, new_per_step: int, fresh_start: int,
               seed: int) -> np.ndarray:

@@ -42,19 +42,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # benchmarks/
-from common import CpuMonitor, wait_quiet  # noqa: E402
-
-
-def vocab_key(idx: np.ndarray) -> np.ndarray:
-    """int64 ID of vocabulary index idx: the splitmix64 finalizer of (idx + 1), a
-    bijection of uint64, so distinct indices give distinct 64-bit IDs. Must match
-    benchmarks/embedding.py's vocab_key."""
-    x = np.asarray(idx).astype(np.uint64) + np.uint64(1)
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return x.view(np.int64)
+from common import CpuMonitor, vocab_key, wait_quiet  # noqa: E402
 
 
 class SortedIndex:
