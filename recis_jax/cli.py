@@ -12,6 +12,7 @@ import sys
 
 # Modules that contribute subcommands, in --help order.
 _COMMAND_MODULES = (
+    "recis_jax.train.main",
     "recis_jax.demo",
     "recis_jax.io.convert",
     "recis_jax.io.synthetic",
@@ -38,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

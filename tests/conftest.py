@@ -10,6 +10,14 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# Many tests compile the same train step; XLA:CPU compiles take seconds on 2 cores, so
+# reuse them through JAX's persistent cache (keyed on program, flags and versions).
+# Subprocess tests inherit it through the environment.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/recis-jax-test-xla-cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 REAL_DATA_ENV = "RECIS_REAL_DATA"
 

@@ -65,6 +65,7 @@ import numpy as np
 import pyarrow as pa
 
 from recis_jax.io.convert import FORMATS, TableWriter, _check_compression
+from recis_jax.metrics.auc import auc as _exact_auc
 
 NUM_CATEGORIES = 16  # hidden item categories behind the sequence signal
 ID_SIGNAL_FRACTION = 0.3  # share of IDs (in a signal-carrying feature) with an effect
@@ -155,24 +156,14 @@ def _tie_groups(sorted_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC of `scores` (float [n]) against 0/1 `labels` [n], ties counted as 1/2.
 
-    Rank-based (Mann-Whitney U with average ranks for ties): O(n log n). NaN when only
-    one class is present.
+    Any nonzero label is a positive. NaN when only one class is present. Delegates to the
+    exact O(n log n) `recis_jax.metrics.auc`.
     """
     y = np.asarray(labels).ravel().astype(bool)
     s = np.asarray(scores, np.float64).ravel()
     if y.shape != s.shape:
         raise ValueError(f"auc: labels {y.shape} and scores {s.shape} differ in shape")
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="stable")
-    starts, group = _tie_groups(s[order])
-    ends = np.append(starts[1:], len(s))
-    avg_rank = (starts + 1 + ends) / 2.0  # 1-based ranks start+1..end, averaged
-    ranks = np.empty(len(s))
-    ranks[order] = avg_rank[group]
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return _exact_auc(y, s)
 
 
 def expected_auc(probs: np.ndarray, scores: np.ndarray | None = None) -> float:

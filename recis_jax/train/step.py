@@ -1,0 +1,173 @@
+"""The jitted steps: `train_step(state, batch) -> (state, metrics)` and `eval_step`.
+
+One compiled program per step: feature ops -> embedding lookup (dedup, find_or_insert,
+gather) -> pooling -> model -> loss -> dense grads (jax.grad) and per-unique-row
+grads -> optax update of dense params + sparse optimizer on touched rows. The state is
+donated, so tables and params update in place.
+
+If any table's insert overflowed, the step changes nothing (params, optimizer state,
+tables and the step counter come back as they went in) and `metrics["skipped"]` is
+True: the host grows the table and reruns the batch (see trainer.py). A batch with no
+live row (a filler batch of an uneven data shard) also changes nothing.
+
+A batch is `{"features": {column: array | Ragged}, "mask": bool [B]}` (host-transformed
+columns, see FeatureEngine.host_transform); with `accum_steps = K > 1` it is a tuple of
+K such micro-batches whose gradients are summed (dense: averaged over live rows; sparse:
+`embedding.accumulate`, still sparse) before one update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from recis_jax.embedding.engine import EmbeddingEngine, accumulate
+from recis_jax.metrics import streaming
+from recis_jax.models.losses import multitask_loss
+from recis_jax.train.task import Task
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from step to step.
+
+    step: int32 [] updates applied so far (skipped steps do not count); the clock the
+      tables' last_seen is stamped with. params / opt_state: the dense model and its
+      optax state. tables: {physical table: TableState}. stats: streaming train metrics
+      since the last log (reset by the host).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    tables: dict
+    stats: streaming.StreamingState
+
+
+def init_state(task: Task, engine: EmbeddingEngine, features, dense_tx: optax.GradientTransformation,
+               sparse_opt, sample_batch: dict, seed: int = 0) -> TrainState:
+    """Fresh state: tables from `engine.init`, params from `module.init` on the sample
+    batch's shapes (eval-mode lookup of empty tables: zeros, no side effects)."""
+    tables = engine.init(sparse_opt)
+
+    def init_params(tables, batch):
+        feats = features.apply(batch["features"]) if features is not None else batch["features"]
+        _, lk = engine.lookup(tables, feats, train=False)
+        emb = engine.pool(lk.rows, lk, feats)
+        return task.module.init(jax.random.key(seed), **task.inputs(emb, feats))["params"]
+
+    params = jax.jit(init_params)(tables, sample_batch)
+    return TrainState(jnp.zeros((), jnp.int32), params, dense_tx.init(params), tables,
+                      streaming.init(task.num_tasks))
+
+
+def _forward(task: Task, engine: EmbeddingEngine, features, tables, batch, step, train: bool):
+    feats = features.apply(batch["features"]) if features is not None else batch["features"]
+    tables, lk = engine.lookup(tables, feats, train=train, step=step)
+    labels = task.label_array(feats)
+    weights = task.weights(feats, batch["mask"])
+    return tables, lk, feats, labels, weights
+
+
+def make_train_step(task: Task, engine: EmbeddingEngine, features, dense_tx: optax.GradientTransformation,
+                    sparse_opt, accum_steps: int = 1, donate: bool = True):
+    """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
+
+    metrics (device scalars, fetched by the host only when it needs them): loss (the
+    weighted mean over the batch's live rows), skipped (bool), live (rows weighted > 0),
+    and per table: new (IDs inserted), missing / not_admitted (IDs without a row),
+    touched (rows updated), nonfinite (rows whose gradient was not finite; left as they
+    were).
+    """
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+
+    def micro(params, tables, batch, step):
+        tables, lk, feats, labels, weights = _forward(task, engine, features, tables, batch, step, True)
+
+        def loss_fn(p, rows):
+            logits = task.logits(p, engine.pool(rows, lk, feats), feats)
+            loss, _ = multitask_loss(logits, labels, task.task_weights, weights)
+            return loss, logits
+
+        (loss, logits), (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+            params, lk.rows)
+        live = jnp.sum(weights > 0, dtype=jnp.int32)
+        return tables, lk, loss, logits, labels, weights, g_params, g_rows, live
+
+    def train_step(state: TrainState, batch):
+        micro_batches = batch if accum_steps > 1 else (batch,)
+        if len(micro_batches) != accum_steps:
+            raise ValueError(f"train_step expects {accum_steps} micro-batches, got {len(micro_batches)}")
+        tables, sparse, g_sum, loss_sum, live_sum = state.tables, None, None, jnp.float32(0), jnp.int32(0)
+        overflow, lookups, stats = jnp.asarray(False), [], state.stats
+        for mb in micro_batches:
+            tables, lk, loss, logits, labels, weights, g_params, g_rows, live = micro(
+                state.params, tables, mb, state.step)
+            overflow = overflow | engine.overflow(lk)
+            # Each micro-batch's grads are of its own weighted-mean loss: weight them by
+            # its live rows and divide by the total, so K micro-batches make one mean.
+            w = live.astype(jnp.float32) if accum_steps > 1 else jnp.float32(1)
+            g_sum = jax.tree.map(lambda g: g * w, g_params) if g_sum is None else jax.tree.map(
+                lambda a, g: a + g * w, g_sum, g_params)
+            loss_sum, live_sum = loss_sum + loss * w, live_sum + live
+            sparse = accumulate(sparse, engine.sparse_grads(lk, {t: g * w for t, g in g_rows.items()}))
+            stats = streaming.update(stats, logits, labels, mb["mask"], weights)
+            lookups.append(lk)
+        denom = jnp.maximum(live_sum, 1).astype(jnp.float32) if accum_steps > 1 else jnp.float32(1)
+        g_params = jax.tree.map(lambda g: g / denom, g_sum)
+        skip = overflow | (live_sum == 0)
+
+        updates, new_opt = dense_tx.update(g_params, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jnp.where(skip, old, new)  # noqa: E731
+        params = jax.tree.map(keep, new_params, state.params)
+        opt_state = jax.tree.map(keep, new_opt, state.opt_state)
+        sparse = {p: g._replace(grads=g.grads / denom, mask=g.mask & ~skip) for p, g in sparse.items()}
+        tables, upd = engine.apply_sparse(tables, sparse, sparse_opt, lr_step=state.step.astype(jnp.float32))
+        # An overflowed step keeps its inserts out (find_or_insert wrote nothing) and
+        # its metrics out of the running stats.
+        stats = jax.tree.map(keep, stats, state.stats)
+        new_state = TrainState(state.step + (~skip).astype(jnp.int32), params, opt_state, tables, stats)
+        metrics = {"loss": loss_sum / denom, "skipped": skip, "overflow": overflow, "live": live_sum,
+                   "tables": {}}
+        for p in engine.physical:
+            t = {k: sum(getattr(lk.tables[p], k) for lk in lookups) for k in ("new", "missing", "not_admitted")}
+            t.update(upd.get(p, {}))
+            metrics["tables"][p] = t
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(task: Task, engine: EmbeddingEngine, features):
+    """Returns the jitted `eval_step(state, batch) -> (stats, outputs)`: a find-only
+    lookup (missing IDs read zeros, tables unchanged), the logits, and the streaming
+    metrics updated on the batch's live rows. outputs: {"logits": [B, T], "labels":
+    [B, T], "weights": [B]} for exact host-side metrics."""
+
+    def eval_step(state: TrainState, stats: streaming.StreamingState, batch):
+        _, lk, feats, labels, weights = _forward(task, engine, features, state.tables, batch, state.step, False)
+        logits = task.logits(state.params, engine.pool(lk.rows, lk, feats), feats)
+        stats = streaming.update(stats, logits, labels, batch["mask"], weights)
+        out = {"logits": logits, "labels": labels, "weights": weights}
+        if task.group is not None:
+            out["group"] = _first_id(feats[task.group])
+        return stats, out
+
+    return jax.jit(eval_step)
+
+
+def _first_id(x) -> jax.Array:
+    """int64 [B]: a row's first ID (a Ragged feature) or its value (a dense column)."""
+    from recis_jax.ragged import Ragged
+
+    if isinstance(x, Ragged):
+        start = x.row_splits[:-1]
+        has = x.row_splits[1:] > start
+        v = x.values[jnp.clip(start, 0, max(x.capacity - 1, 0))] if x.capacity else jnp.zeros_like(start)
+        return jnp.where(has, v.astype(jnp.int64), jnp.int64(-1))
+    x = jnp.asarray(x)
+    return (x[:, 0] if x.ndim == 2 else x).astype(jnp.int64)

@@ -1,0 +1,143 @@
+"""Trainer: the config main job end to end, exact resume, accumulation, overflow
+reruns, NaN stops, online windows, export/predict. Small shapes: the CPU compiles
+each step once per test (a few seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from recis_jax.embedding import hashtable as ht
+from recis_jax.train import main as train_main
+from recis_jax.train import recipes
+from recis_jax.train.trainer import Trainer, TrainingError
+
+SMALL = ["--config.features.num_categorical=4", "--config.features.num_dense=2", "--config.model.num_dense=2",
+         "--config.data.generate.rows_per_file=600", "--config.data.generate.vocab_size=500",
+         "--config.train.batch_size=64", "--config.train.log_every=4", "--config.train.checkpoint_every=4",
+         "--config.data.num_threads=2", "--config.train.sparse_lr=0.05", "--config.train.dense_lr=0.01"]
+
+
+def small_config(*extra):
+    return train_main.load_config("configs/deepfm.py:smoke", SMALL + list(extra))
+
+
+def rows_by_id(trainer):
+    out = {}
+    for pname, ts in trainer.state.tables.items():
+        ex = ht.export(ts.table)
+        for t, i, e in zip(ex["tables"], ex["ids"], ex["embedding"]):
+            out[(pname, int(t), int(i))] = np.asarray(e)
+    return out
+
+
+def assert_same_model(a: Trainer, b: Trainer):
+    assert int(a.state.step) == int(b.state.step)
+    for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    ra, rb = rows_by_id(a), rows_by_id(b)
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        np.testing.assert_array_equal(ra[k], rb[k], err_msg=str(k))
+
+
+def fit(cfg, workdir, num_steps=None):
+    recipe = recipes.build(cfg)
+    trainer = train_main.make_trainer(cfg, str(workdir), recipe)
+    tr, ev, _ = train_main.data_paths(cfg, str(workdir))
+    train, evr = train_main.make_readers(cfg, recipe, tr, ev)
+    summary = trainer.fit(train, eval_reader=evr, num_steps=num_steps)
+    return trainer, summary
+
+
+def test_main_job_trains_logs_and_checkpoints(tmp_path):
+    cfg = small_config()
+    s = train_main.train_and_evaluate(cfg, str(tmp_path))
+    assert s["steps"] == 19 and s["examples"] == 1200  # ceil(600 / 64) per file x 2 files
+    assert 0.5 < s["eval"]["auc"] <= 1 and abs(s["eval"]["auc"] - s["eval"]["auc_hist"]) < 1e-3
+    assert 0 < s["bayes_auc"] < 1
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    train = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train] == [4, 8, 12, 16, 19]
+    assert all(np.isfinite(x["loss"]) and x["samples_per_sec"] > 0 for x in train)
+    assert set(train[-1]["table_sizes"]) == set(s["table_sizes"]) and train[-1]["new"] > 0
+    assert [x["kind"] for x in lines].count("eval") == 1
+    saved = json.load(open(tmp_path / "summary.json"))
+    assert saved["eval"]["auc"] == s["eval"]["auc"]
+    ckpts = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert len(ckpts) == 3 and ckpts[-1].endswith("19")  # keep_last 3: 12, 16, 19
+
+
+def test_rerun_of_a_finished_job_changes_nothing(tmp_path):
+    cfg = small_config()
+    a = train_main.train_and_evaluate(cfg, str(tmp_path))
+    b = train_main.train_and_evaluate(cfg, str(tmp_path))
+    assert b["steps"] == a["steps"] and b["eval"]["auc"] == a["eval"]["auc"]
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    cfg = small_config("--config.train.num_epochs=2")
+    ref, _ = fit(cfg, tmp_path / "ref")
+    # Stop after 6 steps (checkpoints at 4 and 6), then resume in a fresh trainer.
+    part, _ = fit(cfg, tmp_path / "run", num_steps=6)
+    assert int(part.state.step) == 6
+    resumed, _ = fit(cfg, tmp_path / "run")
+    assert_same_model(ref, resumed)
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    big, _ = fit(small_config("--config.train.batch_size=128", "--config.model.dtype=float32"), tmp_path / "big", num_steps=3)
+    acc, _ = fit(small_config("--config.train.batch_size=64", "--config.train.accum_steps=2",
+                              "--config.model.dtype=float32"), tmp_path / "acc", num_steps=3)
+    for x, y in zip(jax.tree.leaves(big.state.params), jax.tree.leaves(acc.state.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6)
+    rb, ra = rows_by_id(big), rows_by_id(acc)
+    assert rb.keys() == ra.keys()
+    for k in rb:
+        np.testing.assert_allclose(rb[k], ra[k], rtol=2e-4, atol=2e-6)
+
+
+def test_tiny_tables_grow_and_train_like_big_ones(tmp_path):
+    big, _ = fit(small_config("--config.embedding.num_rows=4096"), tmp_path / "big")
+    small, _ = fit(small_config("--config.embedding.num_rows=2"), tmp_path / "small")  # grows many times
+    assert_same_model(big, small)
+    assert small.state.tables["merged_0_dim8"].table.capacity < big.state.tables["merged_0_dim8"].table.capacity
+
+
+def test_nan_stops_with_step_and_table(tmp_path):
+    cfg = small_config("--config.train.dense_lr=1e30", "--config.train.sparse_lr=1e30")
+    with pytest.raises(TrainingError, match=r"step \d+: loss is (nan|inf)"):
+        fit(cfg, tmp_path)
+    ckpt = tmp_path / "checkpoints"
+    # nothing non-finite was checkpointed
+    if ckpt.exists():
+        for d in os.listdir(ckpt):
+            assert not d.startswith("step_") or int(d.split("_")[1]) < 4
+
+
+def test_windows_evaluate_ahead_and_resume(tmp_path):
+    from recis_jax.io import synthetic
+
+    cfg = small_config()
+    windows = []
+    for w in range(3):
+        p = tmp_path / f"window{w}"
+        synthetic.generate(p, num_files=1, rows_per_file=300, seed=w, model_seed=0, num_dense=2, num_sparse=4,
+                           vocab_size=500)
+        windows.append(str(p))
+    cfg.data.windows = tuple(windows)
+    ref = train_main.train_and_evaluate(cfg, str(tmp_path / "ref"))
+    assert [w["window"] for w in ref["windows"]] == [1, 2]
+    assert all(0 <= w["auc"] <= 1 for w in ref["windows"])
+    cfg2 = small_config()
+    cfg2.data.windows = tuple(windows[:2])
+    train_main.train_and_evaluate(cfg2, str(tmp_path / "run"))
+    cfg2.data.windows = tuple(windows)
+    res = train_main.train_and_evaluate(cfg2, str(tmp_path / "run"))
+    assert [w["window"] for w in res["windows"]] == [2]
+    assert res["windows"][0]["auc"] == ref["windows"][1]["auc"]
+    assert res["steps"] == ref["steps"]
