@@ -1,11 +1,11 @@
 # Two commands for a fresh machine (see README.md):
-#   make demo   create .venv, generate the built-in dataset and run the main job
+#   make train  create .venv, generate the built-in dataset, train + evaluate DeepFM
 #   make test   create .venv and run the test suite on CPU
 VENV ?= .venv
 PY := $(VENV)/bin/python
-WORKDIR ?= /tmp/recis-jax-demo
+WORKDIR ?= /tmp/recis-jax-deepfm
 
-.PHONY: env demo test bench-io clean
+.PHONY: env train demo test bench-io clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@set -e; base=$$(scripts/find_python.sh); echo "using $$base"; \
@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 env: $(VENV)/.installed
 
-demo: env
-	$(VENV)/bin/recis-jax demo --workdir $(WORKDIR)
+train: env
+	$(VENV)/bin/recis-jax train --config configs/deepfm.py --workdir $(WORKDIR)
+
+demo: train
 
 test: env
 	$(PY) -m pytest -q tests

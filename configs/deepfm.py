@@ -27,7 +27,7 @@ def get_config(arg=None):
         shuffle=True, num_threads=4,
         # The built-in dataset (recis-jax gen-data): train files + eval files from one
         # planted model; its Bayes-optimal AUC is reported beside the model's.
-        generate=ml_collections.ConfigDict(dict(num_files=4, eval_files=1, rows_per_file=25_000,
+        generate=ml_collections.ConfigDict(dict(num_files=8, eval_files=1, rows_per_file=25_000,
                                                  format="parquet", seed=0, vocab_size=20_000, zipf_a=1.2)),
     ))
     c.features = ml_collections.ConfigDict(dict(
@@ -42,7 +42,7 @@ def get_config(arg=None):
         name="deepfm", num_dense=13, embed_dim=8, hidden=(64, 16),
         dtype="bfloat16", param_dtype="float32"))
     c.train = ml_collections.ConfigDict(dict(
-        batch_size=1024, num_epochs=2, num_steps=0,     # num_steps 0: until the data ends
+        batch_size=1024, num_epochs=1, num_steps=0,     # num_steps 0: until the data ends
         dense_optimizer="adamw", dense_lr=1e-3, weight_decay=0.0, warmup_steps=0,
         sparse_optimizer="adam", sparse_lr=1e-3, accum_steps=1,
         log_every=50, eval_every=0, checkpoint_every=100, keep_last=3, keep_every=0,

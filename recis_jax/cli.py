@@ -13,7 +13,7 @@ import sys
 # Modules that contribute subcommands, in --help order.
 _COMMAND_MODULES = (
     "recis_jax.train.main",
-    "recis_jax.demo",
+    "recis_jax.train.export",
     "recis_jax.io.convert",
     "recis_jax.io.synthetic",
     "recis_jax.io.inspect",

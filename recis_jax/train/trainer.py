@@ -151,12 +151,13 @@ class Trainer:
         `self.meta` holds its reader position). Idempotent."""
         if self.state is not None:
             return self.state
-        dev = self.device_batch(sample)
-        self.state = init_state(self.task, self.engine, self.features, self.dense_tx, self.sparse_opt, dev,
-                                self.seed)
+        self.state = self._new_state(self.device_batch(sample))
         if self.checkpoints is not None and self.checkpoints.latest_step() is not None:
             self.restore()
         return self.state
+
+    def _new_state(self, dev) -> TrainState:
+        return init_state(self.task, self.engine, self.features, self.dense_tx, self.sparse_opt, dev, self.seed)
 
     def _dense(self, state: TrainState) -> dict:
         return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "stats": state.stats}
@@ -164,7 +165,7 @@ class Trainer:
     def restore(self, step: int | None = None) -> None:
         """Loads a checkpoint (default the latest) into self.state / self.meta."""
         r = self.checkpoints.restore(step, engine=self.engine, optimizer=self.sparse_opt,
-                                     dense_target=self._dense(self.state))
+                                     dense_target=self._dense(self.state), **self._restore_kwargs())
         d = r.dense
         self.state = TrainState(jnp.asarray(d["step"], jnp.int32), d["params"], d["opt_state"], r.tables,
                                 d["stats"])
@@ -174,6 +175,9 @@ class Trainer:
         self._live_bound = {}
         self.progress.message(f"resumed from checkpoint step {r.step} ({self.checkpoints.root})")
 
+    def _restore_kwargs(self) -> dict:
+        return {}
+
     def save(self, reader: ReaderState | None, **extra_meta) -> str | None:
         """Checkpoints self.state with the reader position after the last applied batch."""
         if self.checkpoints is None:
@@ -181,9 +185,13 @@ class Trainer:
         step = int(self.state.step)
         self.meta.update(extra_meta, reader=reader.to_dict() if reader is not None else None,
                          examples=self._examples, counts=dict(self._counts), seed=self.seed)
-        return self.checkpoints.save(step, tables=self.state.tables, engine=self.engine,
+        return self.checkpoints.save(step, tables=self.state.tables, engine=self._table_engine(),
                                      dense=self._dense(self.state), meta=self.meta,
                                      config_hash=self.config_hash)
+
+    def _table_engine(self):
+        """The engine that made the tables (the plain one here; sharded subclasses differ)."""
+        return self.engine
 
     # -- headroom -----------------------------------------------------------------------
     def _lanes(self, dev) -> dict[str, int]:
@@ -225,24 +233,16 @@ class Trainer:
         """Looks at a dispatched step's metrics: reruns it after growing on overflow,
         raises on non-finite values, accumulates counters."""
         m = jax.device_get(pending.metrics)
-        for attempt in range(8):
-            if not m["overflow"]:
-                break
-            # The step wrote nothing; double every table's index (and rows if full).
+        attempts = 0
+        while m["overflow"]:
+            # The step wrote nothing: grow, then rerun the same batch.
+            attempts += 1
+            if attempts > 8:
+                raise TrainingError(f"step {int(self.state.step)}: the tables still overflow after 8 growths")
             self._counts["overflow"] += 1
-            tables = dict(self.state.tables)
-            for p, ts in tables.items():
-                t = ts.table
-                full = int(t.num_free) < self._lanes(pending.batch)[p]
-                new = capacity.grow(self.engine.physical[p], t, 2 * t.capacity if full else t.capacity,
-                                    2 * t.num_slots)
-                tables[p] = ts._replace(table=new)
-            self.state = self.state._replace(tables=tables)
-            self._live_bound = {}
+            self._grow_after_overflow(pending, m)
             self.state, metrics = self._train_step(self.state, pending.batch)
             m = jax.device_get(metrics)
-        else:
-            raise TrainingError(f"step {int(self.state.step)}: the tables still overflow after 8 growths")
         bad = [p for p, t in m["tables"].items() if int(t.get("nonfinite", 0)) > 0]
         if not math.isfinite(float(m["loss"])) or bad:
             step = int(self.state.step)
@@ -255,6 +255,17 @@ class Trainer:
             self._counts["new"] += int(t["new"])
             self._counts["not_admitted"] += int(t["not_admitted"])
         self._examples += pending.examples
+
+    def _grow_after_overflow(self, pending: _Pending, m: dict) -> None:
+        """Doubles every table's index, and its rows when they could not hold the batch."""
+        tables = dict(self.state.tables)
+        for p, ts in tables.items():
+            t = ts.table
+            full = int(t.num_free) < self._lanes(pending.batch)[p]
+            tables[p] = ts._replace(table=capacity.grow(self.engine.physical[p], t,
+                                                        2 * t.capacity if full else t.capacity, 2 * t.num_slots))
+        self.state = self.state._replace(tables=tables)
+        self._live_bound = {}
 
     def table_sizes(self) -> dict[str, int]:
         return {p: int(v) for p, v in jax.device_get({p: ht.size(ts.table)

@@ -1,0 +1,249 @@
+"""Training on a device mesh (and across processes): the Trainer over a
+ShardedEmbeddingEngine.
+
+    trainer = ShardedTrainer(task, engine, dense_tx, sparse_opt, mesh=make_mesh(8), features=fe, ...)
+    trainer.fit(reader)        # same loop, logs, checkpoints and resume as Trainer
+
+Every embedding table is row-sharded over the mesh's "data" axis (owner = hash(table,
+id) mod n; see sharding/sharded_engine.py); dense params and their optimizer state are
+replicated and their gradients all-reduced (data parallel). The global batch is the
+reader's batch (one process) or the concatenation of every process's batch
+(`jax.distributed`: each process reads its own shard of the files, `Reader`'s default),
+split into equal row blocks, one per device. Loss and metrics are global: the loss is
+the weighted mean over all devices' rows, so for the same global batch the step matches
+the one-device Trainer up to float summation order; the streaming train metrics and the
+evaluation are all-reduced / gathered over the mesh.
+
+Differences from the one-device Trainer: sharded tables do not grow (size them with
+`rows_per_shard`; an insert overflow stops training with a clear error naming the
+table, nothing written), a bucket overflow doubles that table's bucket capacity and
+reruns the step, and admission / eviction are not available on sharded tables yet.
+Checkpoints (single process) store the live rows by ID, so they load onto any device
+count, sharded or not.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from recis_jax.embedding import hashtable as ht
+from recis_jax.embedding.engine import EmbeddingEngine, TableState
+from recis_jax.metrics import streaming
+from recis_jax.models.losses import sigmoid_bce_with_logits
+from recis_jax.ragged import Ragged, capacity_bucket
+from recis_jax.sharding.mesh import AXIS, put, put_process_local, split_features, squeeze, unsqueeze
+from recis_jax.sharding.sharded_engine import ShardedEmbeddingEngine
+from recis_jax.train.step import TrainState, _first_id
+from recis_jax.train.task import Task
+from recis_jax.train.trainer import Trainer, TrainingError
+
+
+def _global_loss(task: Task, logits, labels, weights, wsum):
+    """sum over this device's rows of w * loss / (global sum of w): the psum over the
+    mesh is the global weighted mean (per task, then task-weighted)."""
+    tw = task.task_weights or [1.0] * task.num_tasks
+    total = jnp.float32(0)
+    for t in range(task.num_tasks):
+        per = sigmoid_bce_with_logits(logits[:, t], labels[:, t], weights, reduction="sum")
+        total = total + jnp.float32(tw[t]) * per / jnp.maximum(wsum, jnp.float32(1e-12))
+    return total
+
+
+def make_sharded_steps(task: Task, sharded: ShardedEmbeddingEngine, features, dense_tx: optax.GradientTransformation,
+                       sparse_opt):
+    """(train_step, eval_step) over `sharded.mesh`, with the Trainer's signatures:
+    train_step(state, batch) -> (state, metrics); eval_step(state, stats, batch) ->
+    (stats, outputs). state.tables are `sharded.init`'s stacked tables; batch leaves are
+    [n, B/n, ...] sharded over "data"."""
+    mesh = sharded.mesh
+
+    def feats_of(batch):
+        return features.apply(batch["features"]) if features is not None else batch["features"]
+
+    def train_dev(step, params, opt_state, stats, hts, batch):
+        hts, batch = squeeze(hts), squeeze(batch)
+        tables = {p: TableState(t, jnp.zeros((0, 0), jnp.int32)) for p, t in hts.items()}
+        feats = feats_of(batch)
+        tables, lk = sharded.lookup(tables, feats, train=True, step=step)
+        labels = task.label_array(feats)
+        weights = task.weights(feats, batch["mask"])
+        wsum = jax.lax.psum(jnp.sum(weights), AXIS)
+
+        def loss_fn(p, rows):
+            logits = task.logits(p, sharded.pool(rows, lk, feats), feats)
+            return _global_loss(task, logits, labels, weights, wsum), logits
+
+        (loss, logits), (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+            params, lk.local.rows)
+        loss, g_params = jax.lax.psum(loss, AXIS), jax.lax.psum(g_params, AXIS)
+        skip = lk.overflow | (wsum == 0)
+        updates, new_opt = dense_tx.update(g_params, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jnp.where(skip, old, new)  # noqa: E731
+        params = jax.tree.map(keep, new_params, params)
+        opt_state = jax.tree.map(keep, new_opt, opt_state)
+        grads = sharded.exchange_grads(lk, g_rows, skip)
+        tables, upd = sharded.apply_sparse(tables, grads, sparse_opt, lr_step=step.astype(jnp.float32))
+        delta = streaming.update(streaming.init(task.num_tasks, stats.pos.shape[-1]), logits, labels,
+                                 batch["mask"], weights)
+        stats = jax.tree.map(keep, streaming.merge(stats, jax.lax.psum(delta, AXIS)), stats)
+        live = jax.lax.psum(jnp.sum(weights > 0, dtype=jnp.int32), AXIS)
+        metrics = {"loss": loss, "skipped": skip, "overflow": lk.overflow, "live": live, "tables": {}}
+        for p in sharded.engine.physical:
+            s = lk.stats[p]
+            metrics["tables"][p] = dict(upd.get(p, {}), new=s["new"], missing=jax.lax.psum(
+                lk.local.tables[p].missing, AXIS), not_admitted=jnp.int32(0), bucket_overflow=s["bucket_overflow"],
+                insert_overflow=s["insert_overflow"], bucket_fill=s["bucket_fill"])
+        new_step = step + (~skip).astype(jnp.int32)
+        return new_step, params, opt_state, stats, unsqueeze({p: ts.table for p, ts in tables.items()}), metrics
+
+    train_sm = jax.shard_map(train_dev, mesh=mesh, in_specs=(P(), P(), P(), P(), P(AXIS), P(AXIS)),
+                             out_specs=(P(), P(), P(), P(), P(AXIS), P()),
+                             # As sharding.make_train_step: the hashtable loops start from
+                             # device-invariant constants; the P() outputs come from psums.
+                             check_vma=False)
+
+    def train_step(state: TrainState, batch):
+        # Only the hashtables cross the shard_map boundary (a zero-size [n, 0, 0] sketch
+        # output crashes XLA:CPU's compiler on jax 0.11.2).
+        hts = {p: ts.table for p, ts in state.tables.items()}
+        step, params, opt_state, stats, hts, metrics = train_sm(state.step, state.params, state.opt_state,
+                                                                state.stats, hts, batch)
+        tables = {p: state.tables[p]._replace(table=hts[p]) for p in state.tables}
+        return TrainState(step, params, opt_state, tables, stats), metrics
+
+    def eval_dev(step, params, stats, hts, batch):
+        hts, batch = squeeze(hts), squeeze(batch)
+        tables = {p: TableState(t, jnp.zeros((0, 0), jnp.int32)) for p, t in hts.items()}
+        feats = feats_of(batch)
+        _, lk = sharded.lookup(tables, feats, train=False, step=step)
+        labels = task.label_array(feats)
+        weights = task.weights(feats, batch["mask"])
+        logits = task.logits(params, sharded.pool(lk.local.rows, lk, feats), feats)
+        delta = streaming.update(streaming.init(task.num_tasks, stats.pos.shape[-1]), logits, labels,
+                                 batch["mask"], weights)
+        out = {"logits": logits, "labels": labels, "weights": weights}
+        if task.group is not None:
+            out["group"] = _first_id(feats[task.group])
+        return streaming.merge(stats, jax.lax.psum(delta, AXIS)), unsqueeze(out)
+
+    eval_sm = jax.shard_map(eval_dev, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P(AXIS)),
+                            out_specs=(P(), P(AXIS)), check_vma=False)
+
+    def eval_step(state: TrainState, stats, batch):
+        hts = {p: ts.table for p, ts in state.tables.items()}
+        stats, out = eval_sm(state.step, state.params, stats, hts, batch)
+        # [n, B/n, ...] -> [B, ...] in global row order.
+        return stats, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+
+    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+
+
+class ShardedTrainer(Trainer):
+    """`Trainer` over a device mesh. Extra args: mesh (from `sharding.make_mesh`),
+    rows_per_shard / bucket_capacity (see ShardedEmbeddingEngine). The reader's batch
+    size must be divisible by the number of local devices."""
+
+    def __init__(self, task: Task, engine: EmbeddingEngine, dense_tx, sparse_opt, *, mesh,
+                 rows_per_shard=None, bucket_capacity=None, **kwargs):
+        self.mesh = mesh
+        self.sharded = ShardedEmbeddingEngine(engine, mesh, rows_per_shard, bucket_capacity)
+        super().__init__(task, engine, dense_tx, sparse_opt, **kwargs)
+        if self.accum_steps != 1:
+            raise ValueError("gradient accumulation is not supported by the sharded trainer yet")
+        self._build_steps()
+
+    def _build_steps(self) -> None:
+        self._train_step, self._eval_step = make_sharded_steps(self.task, self.sharded, self.features,
+                                                               self.dense_tx, self.sparse_opt)
+
+    # -- batches: split the global batch into one row block per device ---------------------
+    def device_batch(self, batch) -> dict:
+        feats = self.features.host_transform(batch.features) if self.features is not None else batch.features
+        local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        k = len(local)
+        b = len(batch.mask)
+        if b % k:
+            raise ValueError(f"batch size {b} is not divisible by the {k} local devices of the mesh")
+        ragged = {n: v for n, v in feats.items() if isinstance(v, Ragged)}
+        caps = {n: capacity_bucket(max(int(v.row_splits[(i + 1) * (b // k)] - v.row_splits[i * (b // k)])
+                                       for i in range(k))) for n, v in ragged.items()}
+        if jax.process_count() > 1:  # every process must build the same global shapes
+            from jax.experimental import multihost_utils
+
+            names = sorted(caps)
+            agreed = multihost_utils.process_allgather(np.array([caps[n] for n in names], np.int64)).max(0)
+            caps = dict(zip(names, (int(c) for c in agreed)))
+        parts = split_features(ragged, k, caps) if ragged else [dict() for _ in range(k)]
+        for name, v in feats.items():
+            if not isinstance(v, Ragged):
+                v = np.asarray(v)
+                for i in range(k):
+                    parts[i][name] = v[i * (b // k):(i + 1) * (b // k)]
+        mask = np.asarray(batch.mask)
+        per_device = [{"features": parts[i], "mask": mask[i * (b // k):(i + 1) * (b // k)]} for i in range(k)]
+        if jax.process_count() > 1:
+            return put_process_local(self.mesh, per_device)
+        return put(self.mesh, per_device)
+
+    # -- state ------------------------------------------------------------------------------
+    def _new_state(self, dev) -> TrainState:
+        tables = self.sharded.init(self.sparse_opt)
+        one = jax.tree.map(lambda x: x[0], dev)  # one device's block: enough for the shapes
+
+        def init_params(one):
+            plain = self.engine.init(None)
+            feats = self.features.apply(one["features"]) if self.features is not None else one["features"]
+            _, lk = self.engine.lookup(plain, feats, train=False)
+            emb = self.engine.pool(lk.rows, lk, feats)
+            return self.task.module.init(jax.random.key(self.seed), **self.task.inputs(emb, feats))["params"]
+
+        params = jax.jit(init_params)(jax.device_get(one))
+        rep = NamedSharding(self.mesh, P())
+        params = jax.device_put(params, rep)
+        opt_state = jax.device_put(self.dense_tx.init(params), rep)
+        stats = jax.device_put(streaming.init(self.task.num_tasks), rep)
+        return TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params, opt_state, tables, stats)
+
+    def _restore_kwargs(self) -> dict:
+        return {"sharded": self.sharded}
+
+    def _table_engine(self):
+        return self.sharded
+
+    def restore(self, step=None) -> None:
+        super().restore(step)
+        rep = NamedSharding(self.mesh, P())
+        self.state = self.state._replace(step=jax.device_put(self.state.step, rep),
+                                         params=jax.device_put(self.state.params, rep),
+                                         opt_state=jax.device_put(self.state.opt_state, rep),
+                                         stats=jax.device_put(self.state.stats, rep))
+
+    # -- capacity -------------------------------------------------------------------------------
+    def _ensure_room(self, lanes, force: bool = False) -> None:
+        """Sharded tables do not grow between steps (yet): nothing to do here."""
+
+    def _lanes(self, dev) -> dict[str, int]:
+        return {p: 0 for p in self.engine.physical}
+
+    def _grow_after_overflow(self, pending, m: dict) -> None:
+        full = [p for p, t in m["tables"].items() if t["insert_overflow"]]
+        if full:
+            raise TrainingError(
+                f"step {int(self.state.step)}: sharded table(s) {', '.join(repr(p) for p in full)} ran out of rows "
+                f"or probes ({self.sharded.rows_per_shard} rows per shard); nothing was written. Sharded tables do "
+                f"not grow yet: restart from the last checkpoint with more rows (embedding.num_rows) or more devices")
+        caps = dict(self.sharded._bucket_capacity) if isinstance(self.sharded._bucket_capacity, dict) else {}
+        for p, t in m["tables"].items():
+            if t["bucket_overflow"]:
+                lanes = max(int(t["bucket_fill"]), 1)
+                caps[p] = 1 << (2 * lanes - 1).bit_length()
+        self.sharded._bucket_capacity = caps
+        self._build_steps()
+
+    def table_sizes(self) -> dict[str, int]:
+        return {p: int(np.sum(jax.device_get(ht.size(ts.table)))) for p, ts in self.state.tables.items()}
