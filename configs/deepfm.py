@@ -35,6 +35,7 @@ def get_config(arg=None):
         hash_bucket=0, hash_type=None))
     c.embedding = ml_collections.ConfigDict(dict(
         num_rows=1 << 14,    # initial slab rows per feature (tables grow as IDs arrive)
+        rows_per_shard=0,    # sharded tables (train.mesh > 1) do not grow: rows per shard (0: 2 x rows / n)
         max_rows=0,          # per physical table row budget (0: none)
         init_std=0.001,      # TruncNormal(0, 0.001), as RecIS's example
         dtype="float32", admit_min_count=0, evict_after_steps=0))
@@ -43,6 +44,7 @@ def get_config(arg=None):
         dtype="bfloat16", param_dtype="float32"))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=1024, num_epochs=1, num_steps=0,     # num_steps 0: until the data ends
+        mesh=0,              # > 1: shard tables over that many devices (ShardedTrainer)
         dense_optimizer="adamw", dense_lr=1e-3, weight_decay=0.0, warmup_steps=0,
         sparse_optimizer="adam", sparse_lr=1e-3, accum_steps=1,
         log_every=50, eval_every=0, checkpoint_every=100, keep_last=3, keep_every=0,

@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
 from recis_jax.io import synthetic
@@ -112,13 +113,24 @@ def make_readers(cfg, recipe, train_paths, eval_paths) -> tuple[Reader, Reader |
 
 
 def make_trainer(cfg, workdir: str, recipe: recipes.Recipe) -> Trainer:
+    """The one-device Trainer, or the ShardedTrainer over `train.mesh` devices (all
+    devices of all processes in a `jax.distributed` run)."""
     t = cfg.train
     profile = tuple(t.profile_steps) if t.get("profile_steps") else None
-    return Trainer(recipe.task, recipe.engine, recipe.dense_tx, recipe.sparse_opt, features=recipe.features,
-                   workdir=workdir, seed=cfg.seed, log_every=t.log_every, eval_every=t.eval_every or None,
-                   checkpoint_every=t.checkpoint_every or None, keep_last=t.keep_last,
-                   keep_every=t.get("keep_every") or None, accum_steps=t.accum_steps,
-                   max_rows=cfg.embedding.get("max_rows") or None, profile=profile, config_hash=config_hash(cfg))
+    kw = dict(features=recipe.features, workdir=workdir, seed=cfg.seed, log_every=t.log_every,
+              eval_every=t.eval_every or None, checkpoint_every=t.checkpoint_every or None, keep_last=t.keep_last,
+              keep_every=t.get("keep_every") or None, accum_steps=t.accum_steps, profile=profile,
+              config_hash=config_hash(cfg))
+    n = t.get("mesh", 0) or (jax.device_count() if jax.process_count() > 1 else 0)
+    if n > 1:
+        from recis_jax.sharding.mesh import make_mesh
+        from recis_jax.train.sharded import ShardedTrainer
+
+        e = cfg.embedding
+        return ShardedTrainer(recipe.task, recipe.engine, recipe.dense_tx, recipe.sparse_opt, mesh=make_mesh(n),
+                              rows_per_shard=e.get("rows_per_shard") or None, **kw)
+    return Trainer(recipe.task, recipe.engine, recipe.dense_tx, recipe.sparse_opt,
+                   max_rows=cfg.embedding.get("max_rows") or None, **kw)
 
 
 # -- jobs ------------------------------------------------------------------------------
@@ -165,11 +177,29 @@ def add_cli(sub) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="configs/<model>.py[:variant]")
         p.add_argument("--workdir", required=True)
+        p.add_argument("--mesh", type=int, default=None,
+                       help="shard tables over this many devices (= --config.train.mesh)")
+        p.add_argument("--coordinator", default=None, help="host:port of process 0 (jax.distributed)")
+        p.add_argument("--num-processes", type=int, default=None)
+        p.add_argument("--process-id", type=int, default=None)
         p.set_defaults(func=fn, accepts_overrides=True)
 
 
-def _train(args) -> int:
+def _setup(args):
+    """jax.distributed (multi-process) before anything touches the devices, then the config."""
+    if args.coordinator:
+        # Collectives between CPU devices of different processes need gloo (no effect on GPUs).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
     cfg = load_config(args.config, args.overrides)
+    if args.mesh is not None:
+        cfg.train.mesh = args.mesh
+    return cfg
+
+
+def _train(args) -> int:
+    cfg = _setup(args)
     s = train_and_evaluate(cfg, args.workdir)
     ev = s.get("eval", {})
     line = f"trained {s.get('steps')} steps, {s.get('examples', 0):,} examples"
@@ -185,7 +215,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _setup(args)
     res = evaluate(cfg, args.workdir)
     print(json.dumps(res, indent=2, default=float))
     return 0

@@ -30,12 +30,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.engine import EmbeddingEngine, TableState
 from recis_jax.metrics import streaming
 from recis_jax.models.losses import sigmoid_bce_with_logits
 from recis_jax.ragged import Ragged, capacity_bucket
-from recis_jax.sharding.mesh import AXIS, put, put_process_local, split_features, squeeze, unsqueeze
+from recis_jax.sharding.mesh import AXIS, local_shards, put, put_process_local, split_features, squeeze, unsqueeze
 from recis_jax.sharding.sharded_engine import ShardedEmbeddingEngine
 from recis_jax.train.step import TrainState, _first_id
 from recis_jax.train.task import Task
@@ -193,7 +192,8 @@ class ShardedTrainer(Trainer):
     # -- state ------------------------------------------------------------------------------
     def _new_state(self, dev) -> TrainState:
         tables = self.sharded.init(self.sparse_opt)
-        one = jax.tree.map(lambda x: x[0], dev)  # one device's block: enough for the shapes
+        # One device's block (this process holds it) is enough for the param shapes.
+        one = jax.tree.map(lambda x: next(iter(local_shards(x).values())), dev)
 
         def init_params(one):
             plain = self.engine.init(None)
@@ -202,7 +202,7 @@ class ShardedTrainer(Trainer):
             emb = self.engine.pool(lk.rows, lk, feats)
             return self.task.module.init(jax.random.key(self.seed), **self.task.inputs(emb, feats))["params"]
 
-        params = jax.jit(init_params)(jax.device_get(one))
+        params = jax.jit(init_params)(one)
         rep = NamedSharding(self.mesh, P())
         params = jax.device_put(params, rep)
         opt_state = jax.device_put(self.dense_tx.init(params), rep)
@@ -246,4 +246,18 @@ class ShardedTrainer(Trainer):
         self._build_steps()
 
     def table_sizes(self) -> dict[str, int]:
-        return {p: int(np.sum(jax.device_get(ht.size(ts.table)))) for p, ts in self.state.tables.items()}
+        local = {p: sum(v.values()) for p, v in self.sharded.shard_sizes(self.state.tables).items()}
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            names = sorted(local)
+            tot = multihost_utils.process_allgather(np.array([local[n] for n in names], np.int64)).sum(0)
+            local = dict(zip(names, (int(x) for x in tot)))
+        return local
+
+    def _fetch(self, outs):
+        if jax.process_count() == 1:
+            return jax.device_get(outs)
+        from jax.experimental import multihost_utils
+
+        return [multihost_utils.process_allgather(o, tiled=True) for o in outs]

@@ -112,9 +112,15 @@ class Trainer:
         self.progress = progress or ProgressLogger()
         self._train_step = make_train_step(task, engine, features, dense_tx, sparse_opt, accum_steps)
         self._eval_step = make_eval_step(task, engine, features)
+        # Multi-process runs would each see only their own checkpoints' table shards.
         self.checkpoints = (CheckpointManager(os.path.join(workdir, "checkpoints"), keep_last=keep_last,
-                                              keep_every=keep_every) if workdir else None)
-        self.writer = MetricsWriter(workdir, tensorboard) if workdir else None
+                                              keep_every=keep_every) if workdir and jax.process_count() == 1
+                            else None)
+        if workdir and jax.process_count() > 1:
+            self.progress.message("multi-process run: checkpoints are not written yet (each process holds only "
+                                  "its own table shards); metrics and summary come from process 0")
+        lead = jax.process_index() == 0
+        self.writer = MetricsWriter(workdir, tensorboard) if (workdir and lead) else None
         self.profiler = Profiler(workdir, *profile) if (profile and workdir) else None
         self.state: TrainState | None = None
         self.meta: dict = {}            # host position: reader state, examples, window
@@ -377,7 +383,7 @@ class Trainer:
         for b in reader.batches():
             stats, out = self._eval_step(state, stats, self.device_batch(b))
             outs.append(out)
-        outs = jax.device_get(outs)
+        outs = self._fetch(outs)
         if not outs:
             return {}
         logits = np.concatenate([o["logits"] for o in outs])
@@ -404,6 +410,10 @@ class Trainer:
             if self.writer:
                 self.writer.write(record)
         return res
+
+    def _fetch(self, outs):
+        """Device outputs -> host numpy (sharded subclasses gather across processes)."""
+        return jax.device_get(outs)
 
     # -- windows (online learning) ---------------------------------------------------------
     def fit_windows(self, windows: Sequence[Any], make_reader: Callable[[Any], Reader]) -> dict:
@@ -448,6 +458,6 @@ class Trainer:
         return summary
 
     def _write_summary(self, summary: dict) -> None:
-        if self.workdir:
+        if self.workdir and jax.process_index() == 0:
             with open(os.path.join(self.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2, default=float)
