@@ -28,11 +28,12 @@ def get_config(arg=None):
         # The built-in dataset (recis-jax gen-data): train files + eval files from one
         # planted model; its Bayes-optimal AUC is reported beside the model's.
         generate=ml_collections.ConfigDict(dict(num_files=8, eval_files=1, rows_per_file=25_000,
-                                                 format="parquet", seed=0, vocab_size=20_000, zipf_a=1.2)),
+                                                 format="parquet", seed=0, vocab_size=20_000, zipf_a=1.2,
+                                                 multi_hot=(1, 1))),
     ))
     c.features = ml_collections.ConfigDict(dict(
         num_categorical=26, num_dense=13, embed_dim=8, bias_dim=1, dense_transform="log1p",
-        hash_bucket=0, hash_type=None))
+        hash_bucket=0, hash_type=None, seq_len=0))
     c.embedding = ml_collections.ConfigDict(dict(
         num_rows=1 << 14,    # initial slab rows per feature (tables grow as IDs arrive)
         rows_per_shard=0,    # sharded tables (train.mesh > 1) do not grow: rows per shard (0: 2 x rows / n)

@@ -248,3 +248,11 @@ def test_sigkill_anywhere_then_restart_equals_uninterrupted(tmp_path):
     assert_same_model(a[0], b[0])
     sa, sb = (json.load(open(d / "summary.json")) for d in (tmp_path / "ref", work))
     assert sa["eval"] == sb["eval"] and sa["steps"] == sb["steps"]
+
+
+@pytest.mark.parametrize("config", ["configs/dcnv2.py:smoke", "configs/seq_transformer.py:smoke"])
+def test_other_configs_train(tmp_path, config):
+    cfg = train_main.load_config(config, ["--config.data.generate.rows_per_file=300",
+                                          "--config.train.checkpoint_every=0", "--config.train.log_every=0"])
+    s = train_main.train_and_evaluate(cfg, str(tmp_path))
+    assert s["steps"] > 0 and 0 <= s["eval"]["auc"] <= 1 and np.isfinite(s["eval"]["logloss"])

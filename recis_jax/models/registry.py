@@ -14,10 +14,10 @@ from recis_jax.models.attention import DIN
 from recis_jax.models.dcnv2 import DCNv2
 from recis_jax.models.deepfm import DeepFM
 from recis_jax.models.multitask import MMoE, SharedBottom
-from recis_jax.models.transformer import SequenceTransformer
+from recis_jax.models.transformer import SequenceCTR, SequenceTransformer
 
 MODELS = {"deepfm": DeepFM, "dcnv2": DCNv2, "din": DIN, "transformer": SequenceTransformer,
-          "shared_bottom": SharedBottom, "mmoe": MMoE}
+          "shared_bottom": SharedBottom, "mmoe": MMoE, "seq_ctr": SequenceCTR}
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
 

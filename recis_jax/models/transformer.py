@@ -14,6 +14,8 @@ residual stream and matmuls are in `dtype`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -128,3 +130,37 @@ def transformer_flops(num_layers: int, hidden: int, ffn: int, batch: int, length
     att_full = 4 * mult * num_layers * batch * length * length * hidden
     att = att_full // 2 if causal else att_full
     return {"dense": dense, "attention": att, "attention_full": att_full, "total": dense + att}
+
+
+class SequenceCTR(nn.Module):
+    """Long-sequence CTR: a bidirectional Transformer encodes the behaviour sequence,
+    target attention (DIN) pools its outputs against the candidate item, and an MLP
+    over [target, interest, other fields] gives the logit.
+
+    Attributes: the encoder's num_layers / hidden / num_heads / ffn / remat /
+    attention_impl (see SequenceTransformer; its output is projected back to the item
+    dim), the DIN head's mlp widths, dtype / param_dtype.
+    """
+
+    num_layers: int = 2
+    hidden: int = 64
+    num_heads: int = 4
+    ffn: int = 256
+    remat: bool = False
+    attention_impl: str | None = None
+    mlp: Sequence[int] = (200, 80)
+    dtype: Dtype = jnp.bfloat16
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, target, seq, mask, other=None):
+        """target: [B, D] item embedding; seq: [B, L, D] history embeddings; mask: bool
+        [B, L] (a prefix of real items per row); other: [B, n] or None. Returns float32
+        [B] logits."""
+        from recis_jax.models.attention import DIN
+
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        enc = SequenceTransformer(self.num_layers, self.hidden, self.num_heads, self.ffn, causal=False,
+                                  out_dim=target.shape[-1], remat=self.remat, attention_impl=self.attention_impl,
+                                  name="encoder", **kw)(seq, mask)
+        return DIN(mlp=tuple(self.mlp), name="din", **kw)(target, enc, mask, other)

@@ -81,7 +81,8 @@ def data_paths(cfg, workdir: str) -> tuple[Any, Any, dict]:
     g = d.generate
     kw = dict(rows_per_file=g.rows_per_file, format=g.format, model_seed=g.seed,
               num_dense=cfg.features.num_dense, num_sparse=cfg.features.num_categorical,
-              vocab_size=g.vocab_size, zipf_a=g.zipf_a)
+              vocab_size=g.vocab_size, zipf_a=g.zipf_a, multi_hot=tuple(g.get("multi_hot", (1, 1))),
+              seq_len=cfg.features.get("seq_len", 0))
     out = {}
     for split, files, seed in (("train", g.num_files, g.seed), ("eval", g.eval_files, g.seed + 1000)):
         path = os.path.join(workdir, "data", split)

@@ -1,4 +1,5 @@
-"""Config -> everything a training run needs, for the CTR models (DeepFM, DCNv2).
+"""Config -> everything a training run needs, for the CTR models (DeepFM, DCNv2, and
+the long-sequence SequenceCTR).
 
 `build(config)` reads the config's `data`, `features`, `embedding`, `model`, `train` and
 `loss` groups (see configs/deepfm.py for every key) and returns a `Recipe`: reader
@@ -6,7 +7,9 @@ column specs, the FeatureEngine, the EmbeddingEngine, the Task (model + labels) 
 two optimizers. The data layout is Criteo's: a `label` column, numeric columns
 i1..i{num_dense} and categorical ID-list columns c1..c{num_categorical} (the built-in
 generated dataset, RecIS's DeepFM ORC files and `recis-jax convert --schema criteo`
-output all have it).
+output all have it); with `features.seq_len > 0` also a `seq` list of item IDs (the
+behaviour sequence, first `seq_len` items) and a `target_item` (the candidate), which
+share one item table.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from recis_jax.optim import sparse as sparse_optim
 from recis_jax.train.task import Task
 
 BIAS_SUFFIX = "_bias"
+SEQ, TARGET, ITEM_TABLE = "seq", "target_item", "item"  # the generated sequence columns
 
 
 @dataclasses.dataclass
@@ -56,6 +60,8 @@ def reader_columns(cfg) -> list:
     cols = [FixedLenFeature(name) for name in labels]
     cols += [FixedLenFeature(n) for n in nums]
     cols += [VarLenFeature(c, hash_type=hash_type, hash_bucket=f.hash_bucket) for c in cats]
+    if f.get("seq_len"):
+        cols += [VarLenFeature(SEQ), VarLenFeature(TARGET)]
     return cols
 
 
@@ -84,6 +90,11 @@ def embedding_engine(cfg) -> EmbeddingEngine:
     eviction = EvictionPolicy(max_age=e.evict_after_steps) if e.get("evict_after_steps") else None
     opts = {c: EmbeddingOption(f.embed_dim, initializer=init, num_rows=e.num_rows, admission=admission,
                                eviction=eviction, dtype=e.dtype) for c in cats}
+    if f.get("seq_len"):  # history and candidate share one item table
+        opts[SEQ] = EmbeddingOption(f.embed_dim, combiner="none", length=f.seq_len, initializer=init,
+                                    num_rows=e.num_rows, dtype=e.dtype, shared_name=ITEM_TABLE)
+        opts[TARGET] = EmbeddingOption(f.embed_dim, initializer=init, num_rows=e.num_rows, dtype=e.dtype,
+                                       shared_name=ITEM_TABLE)
     if f.bias_dim:
         opts.update({c + BIAS_SUFFIX: EmbeddingOption(f.bias_dim, initializer=init, num_rows=e.num_rows,
                                                       admission=admission, eviction=eviction, dtype=e.dtype)
@@ -108,8 +119,16 @@ def task(cfg) -> Task:
     elif name == "dcnv2":
         def inputs(emb, batch):
             return dict(sparse_emb=jnp.stack([emb[c] for c in cats], axis=1), dense=dense(batch))
+    elif name == "seq_ctr":
+        def inputs(emb, batch):
+            seq, mask = emb[SEQ]
+            other = [jnp.stack([emb[c] for c in cats], axis=1).reshape(seq.shape[0], -1)] if cats else []
+            if nums:
+                other.append(dense(batch))
+            return dict(target=emb[TARGET], seq=seq, mask=mask,
+                        other=jnp.concatenate(other, axis=1) if other else None)
     else:
-        raise ValueError(f"the CTR recipe builds deepfm or dcnv2, not {name!r}")
+        raise ValueError(f"the CTR recipe builds deepfm, dcnv2 or seq_ctr, not {name!r}")
     loss = cfg.loss
     return Task(from_config(cfg.model), inputs, labels=tuple(loss.get("labels", ("label",))),
                 task_weights=tuple(loss.task_weights) if loss.get("task_weights") else None,
