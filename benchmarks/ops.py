@@ -1,4 +1,17 @@
-"""Op-level benchmarks: bucketize (Pallas-Triton kernel vs XLA searchsorted vs torch).
+"""Op-level benchmarks: Pallas-Triton kernels vs XLA vs torch.
+
+Two groups (--ops bucketize | sparse | all; default bucketize):
+
+* bucketize (below);
+* sparse: the sparse-path kernels of pallas_kernels/ (embedding_bag, sparse_update,
+  ids_partition), see `main_sparse` and the "sparse ops" section at the end:
+
+    GPU (device machine, repo root):
+      PYTHONPATH=$PWD python3 benchmarks/ops.py --device gpu --ops sparse --out $OUT
+    CPU (a smoke run of the script, interpret-mode kernels, tiny sizes):
+      .venv/bin/python benchmarks/ops.py --device cpu --ops sparse --quick --out /tmp/x
+
+Bucketize:
 
     GPU (device machine, repo root):
       PYTHONPATH=$PWD python3 benchmarks/ops.py --device gpu --sweep --out $OUT
@@ -45,6 +58,12 @@ from benchmarks import common  # noqa: E402
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
+    ap.add_argument("--ops", choices=["bucketize", "sparse", "all"], default="bucketize")
+    ap.add_argument("--quick", action="store_true", help="sparse: a reduced case list")
+    ap.add_argument("--sections", default="copy,pool,bwd,update,partition,sweep",
+                    help="sparse: sections to run, in this order")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="sparse: skip remaining cases once this many seconds have passed")
     ap.add_argument("--size", type=int, default=None, help="elements of x (gpu 8M, cpu 1M)")
     ap.add_argument("--ns", default="16,64,1024", help="boundary counts of the main table")
     ap.add_argument("--rotate", type=int, default=None, help="x buffers rotated (gpu 4, cpu 2)")
@@ -114,6 +133,15 @@ def run_torch(a, out_dir: pathlib.Path) -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    rc = 0
+    if a.ops in ("bucketize", "all"):
+        rc |= main_bucketize(a)
+    if a.ops in ("sparse", "all"):
+        rc |= main_sparse(a)
+    return rc
+
+
+def main_bucketize(a) -> int:
     gpu = a.device == "gpu"
     if not gpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -407,6 +435,485 @@ def render_md(r: dict) -> str:
         lines += ["", "## errors", ""]
         for e in r["errors"]:
             lines.append(f"- {e['impl']} n={e['n']}: `{e['error'][-600:]}`")
+    return "\n".join(lines) + "\n"
+
+
+# ============================================================================ sparse ops
+#
+# Cases (GPU): a table of 8M rows (2**23) x dim 16 / 64 / 128 float32 (0.5 / 2 / 4 GB),
+# 4M lookups (2**22), ids uniform or Zipf (s = 1: log-uniform rank, scrambled by an odd
+# multiplier mod 2**23 so hot rows are spread over the table), bags of 32 or long bags
+# (log-uniform lengths 1k-100k). torch runs the same numpy-generated ids in its own
+# process first (benchmarks/torch_ops.py); tables are random on each side.
+#
+# Bytes counted (read + written, the minimum an op must move):
+#   pool      C * (4 idx + 4 D row) [+ 4 C weights] + 4 (B + 1) splits + 4 B D out
+#   bwd       C * (4 idx + 4 D grad) + 4 (U + 1) + 4 U D out (U = distinct ids)
+#   update    U * (4 row id + 1 mask + 4 D grad + 2 * 4 D (1 + dim slots) + 2 * 4 row slots)
+#   partition N * (8 key + 4 table + 1 valid) read + N * 12 (owner, perm, rank) written
+
+SPARSE_ROWS = 2**23
+SPARSE_LOOKUPS = 2**22
+
+
+def sparse_spec(quick: bool, gpu: bool) -> dict:
+    """The case list, shared with benchmarks/torch_ops.py (numpy-only)."""
+    rows = SPARSE_ROWS if gpu else 2**12
+    c = SPARSE_LOOKUPS if gpu else 2**11
+    pool = [
+        dict(id="d16_uni_b32", dim=16, dist="uniform", bag=32),
+        dict(id="d64_uni_b32", dim=64, dist="uniform", bag=32),
+        dict(id="d128_uni_b32", dim=128, dist="uniform", bag=32),
+        dict(id="d64_zipf_b32", dim=64, dist="zipf", bag=32),
+        dict(id="d64_uni_long", dim=64, dist="uniform", bag="long"),
+        dict(id="d64_uni_b32_wmean", dim=64, dist="uniform", bag=32, weighted=True, combiner="mean"),
+        dict(id="d64_occ_b32", dim=64, dist="uniform", bag=32, gathered=True),
+    ]
+    bwd = [
+        dict(id="d16_uni", dim=16, dist="uniform"),
+        dict(id="d64_uni", dim=64, dist="uniform"),
+        dict(id="d128_uni", dim=128, dist="uniform"),
+        dict(id="d64_zipf", dim=64, dist="zipf"),
+    ]
+    update = [
+        dict(id="adam_d16", opt="adam", dim=16),
+        dict(id="adam_d64", opt="adam", dim=64),
+        dict(id="adam_d128", opt="adam", dim=128),
+        dict(id="adamw_d64", opt="adamw", dim=64),
+        dict(id="adagrad_d64", opt="adagrad", dim=64),
+    ]
+    partition = [dict(id="n8", shards=8), dict(id="n64", shards=64)]
+    if quick:
+        pool = [p for p in pool if p["id"] in ("d16_uni_b32", "d64_uni_b32", "d64_uni_long", "d64_occ_b32")]
+        bwd = [b for b in bwd if b["id"] == "d64_uni"]
+        update = [u for u in update if u["id"] in ("adam_d64", "adagrad_d64")]
+        partition = partition[:1]
+    touched = 2**20 if gpu else 2**9
+    return dict(rows=rows, lookups=c, touched=touched, pool=pool, bwd=bwd, update=update,
+                partition=partition, seed=1234)
+
+
+def bench_ids(dist: str, size: int, rows: int, seed: int) -> np.ndarray:
+    """int32 row ids in [0, rows): uniform, or Zipf s=1 (log-uniform rank) scrambled."""
+    rng = np.random.default_rng(seed)
+    if dist == "uniform":
+        return rng.integers(0, rows, size, dtype=np.int64).astype(np.int32)
+    u = rng.random(size)
+    k = np.minimum(np.floor(np.exp(u * np.log(rows + 1.0))) - 1, rows - 1).astype(np.int64)
+    return ((k * 0x9E3779B1) % rows).astype(np.int32)  # odd multiplier: a bijection mod 2**k
+
+
+def bench_splits(bag, size: int, seed: int) -> np.ndarray:
+    """int32 row_splits over `size` items: bags of `bag`, or log-uniform 1k-100k ("long")."""
+    if bag == "long":
+        rng = np.random.default_rng(seed + 17)
+        lo, hi = (1000, 100_000) if size >= 2**20 else (50, 500)
+        lens, total = [], 0
+        while total < size:
+            n = min(int(np.exp(rng.uniform(np.log(lo), np.log(hi)))), size - total)
+            lens.append(n)
+            total += n
+        return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    return np.arange(0, size + 1, bag, dtype=np.int32)
+
+
+def pool_bytes(case, c, b):
+    d = case["dim"]
+    extra = 4 * c if case.get("weighted") else 0
+    return c * (4 + 4 * d) + extra + 4 * (b + 1) + 4 * b * d
+
+
+def run_torch_sparse(a, spec, out_dir: pathlib.Path) -> dict:
+    if a.no_torch:
+        return {"skipped": "--no-torch"}
+    import json  # noqa: PLC0415
+
+    spec_path = out_dir / "torch_ops_spec.json"
+    res_path = out_dir / "torch_ops_raw.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [a.torch_python, str(ROOT / "benchmarks" / "torch_ops.py"), "--spec", str(spec_path),
+           "--device", "cuda" if a.device == "gpu" else "cpu", "--out", str(res_path),
+           "--sections", a.sections]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    print(p.stdout[-3000:], p.stderr[-3000:] if p.returncode not in (0, 3) else "", flush=True)
+    spec_path.unlink(missing_ok=True)
+    if res_path.exists():
+        res = json.loads(res_path.read_text())
+        res["wall_s"] = round(time.time() - t0, 1)
+        res_path.unlink()
+        return res
+    return {"skipped": f"torch process failed rc={p.returncode}: {p.stderr[-1500:]}"}
+
+
+def main_sparse(a) -> int:  # noqa: C901 - one linear script
+    gpu = a.device == "gpu"
+    if not gpu:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    else:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    out_dir = pathlib.Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections = [x for x in a.sections.split(",") if x]
+    spec = sparse_spec(a.quick, gpu)
+    t_start = time.time()
+    torch_res = run_torch_sparse(a, spec, out_dir)
+
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    jax.config.update("jax_enable_x64", True)
+    from pallas_kernels import embedding_bag as eb  # noqa: PLC0415
+    from pallas_kernels import ids_partition as ip  # noqa: PLC0415
+    from recis_jax import optim  # noqa: PLC0415
+    from recis_jax.embedding.dedup import sorted_segment_sum  # noqa: PLC0415
+
+    env = common.env_info()
+    if gpu and jax.default_backend() != "gpu":
+        raise SystemExit(f"--device gpu but JAX backend is {jax.default_backend()}")
+    kind = env.get("gpu_name") or env["jax_device"]
+    tag = a.tag or next((t for t in ("h100", "h200", "a100") if t in kind.lower()),
+                        "gpu" if gpu else "cpu")
+    kimpl = "pallas" if gpu else "interpret"
+    report = {"env": env, "args": vars(a), "spec": spec, "torch": torch_res,
+              "rows": [], "sweep": [], "errors": []}
+    torch_rows = {(r["section"], r["case"], r["impl"]): r for r in torch_res.get("results", [])}
+    json_path = out_dir / f"ops_sparse_{tag}.json"
+    repeats, inner = (a.repeats, 5) if gpu else (3, 1)
+
+    def save():
+        report["wall_s"] = round(time.time() - t_start, 1)
+        common.write_json(json_path, report)
+        (out_dir / f"ops_sparse_{tag}.md").write_text(render_sparse_md(report))
+
+    def over_budget():
+        return a.budget_s is not None and time.time() - t_start > a.budget_s
+
+    def timeit(call):
+        return common.time_calls(call, common.jax_sync, warmup=2, repeats=repeats, inner=inner)
+
+    copy_gbps = None
+    # Kernel variants timed besides the defaults (GPU): Config(rows, lanes, piece, warps...).
+    # (The defaults are Config(32, 8, 512, 4) at dim 16 and Config(32, 2, 512, 4) at 64.)
+    pool_variants = [(16, eb.Config(32, 4, 512, 2)), (16, eb.Config(16, 16, 256, 4)),
+                     (16, eb.Config(32, 16, 512, 8)), (16, eb.Config(32, 8, 512, 8)),
+                     (16, eb.Config(32, 8, 512, 2)), (64, eb.Config(32, 1, 512, 2)),
+                     (64, eb.Config(32, 4, 512, 8))]
+    bwd_variants = [eb.Config(2, 32, 32, 4), eb.Config(4, 16, 64, 4), eb.Config(1, 64, 16, 4),
+                    eb.Config(2, 16, 32, 2), eb.Config(8, 8, 128, 4)]
+    from pallas_kernels import sparse_update as su  # noqa: PLC0415
+    update_variants = [su.Config(16, 4), su.Config(64, 8), su.Config(8, 2), su.Config(32, 8)]
+    if not gpu:
+        bwd_variants = bwd_variants[:1]
+
+    def add(section, case, impl, t, nbytes, **extra):
+        row = common.bandwidth_row(impl, t, nbytes, copy_gbps, None, section=section,
+                                   case=case, **extra)
+        tr = torch_rows.get((section, case, "torch"))
+        if tr and "median_s" in tr and impl != "torch":
+            row["x_torch"] = round(tr["median_s"] / t["median_s"], 2)
+        report["rows"].append(row)
+        print({k: row.get(k) for k in ("section", "case", "impl", "time_us", "GBps", "frac_copy",
+                                       "x_torch", "max_err")}, flush=True)
+        return row
+
+    def add_torch(section, case, nbytes):
+        tr = torch_rows.get((section, case, "torch"))
+        if tr and "median_s" in tr:
+            add(section, case, "torch", tr, nbytes, correct=tr.get("correct"),
+                torch_op=tr.get("op"))
+
+    def guard(section, case, fn):
+        if over_budget():
+            report["errors"].append({"section": section, "case": case, "error": "skipped: budget"})
+            return
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - record and go on
+            report["errors"].append({"section": section, "case": case,
+                                     "error": traceback.format_exc()[-2500:]})
+            print("ERROR", section, case, traceback.format_exc()[-1500:], flush=True)
+        save()
+
+    def err(x, y):
+        x = np.asarray(jnp.asarray(x, jnp.float32))
+        y = np.asarray(jnp.asarray(y, jnp.float32))
+        return float(np.max(np.abs(x - y) / (1.0 + np.abs(y)))) if x.size else 0.0
+
+    # ---------------------------------------------------------------- copy bandwidth
+    if "copy" in sections:
+        n = 2**28 if gpu else 2**20  # 1 GB float32
+        x = jnp.ones((n,), jnp.float32)
+        f = jax.jit(jnp.copy)
+        t = timeit(lambda: f(x))
+        copy_gbps = 8 * n / t["median_s"] / 1e9
+        report["copy"] = common.bandwidth_row("jax_copy", t, 8 * n, None)
+        if "copy" in torch_res:
+            report["torch_copy"] = torch_res["copy"]
+        print(f"copy: {copy_gbps:.0f} GB/s", flush=True)
+        del x
+        save()
+
+    R, C = spec["rows"], spec["lookups"]
+    key = jax.random.key(0)
+    tables = {}
+
+    def table(d):
+        if d not in tables:
+            tables.clear()  # one table on the device at a time
+            tables[d] = jax.random.normal(jax.random.fold_in(key, d), (R, d), jnp.float32)
+        return tables[d]
+
+    # ---------------------------------------------------------------- gather + pool
+    def pool_case(case):
+        d = case["dim"]
+        ids_np = bench_ids(case["dist"], C, R, spec["seed"])
+        splits_np = bench_splits(case["bag"], C, spec["seed"])
+        b = len(splits_np) - 1
+        ids, splits = jnp.asarray(ids_np), jnp.asarray(splits_np)
+        rowids = jnp.asarray(np.repeat(np.arange(b, dtype=np.int32), np.diff(splits_np)))
+        mean = case.get("combiner") == "mean"
+        w = jnp.asarray(np.random.default_rng(3).random(C).astype(np.float32)) if case.get("weighted") else None
+        nbytes = pool_bytes(case, C, b)
+        if case.get("gathered"):
+            src = jax.random.normal(jax.random.fold_in(key, 99), (C, d), jnp.float32)
+            idx = None
+            nbytes -= 4 * C
+        else:
+            src, idx = table(d), ids
+        # Every impl takes (src, idx, splits, w, rowids): arrays closed over would become
+        # constants, which XLA folds at compile time.
+        impls = {
+            "pallas": jax.jit(lambda s, i, sp, w, rowids: eb.segment_gather_sum(
+                s, sp, i, w, mean=mean, impl=kimpl)),
+            "xla_ref": jax.jit(lambda s, i, sp, w, rowids: eb.segment_gather_sum_reference(
+                s, sp, i, w, mean=mean)),
+        }
+        if not mean:
+            def segsum(s, i, sp, w, rowids):  # the fastest XLA form: scatter-add (atomics)
+                x = s if i is None else s[i]
+                x = x if w is None else x * w[:, None]
+                return jax.ops.segment_sum(x, rowids, b, indices_are_sorted=True)
+            impls["xla_segsum"] = jax.jit(segsum)
+        want = impls["xla_ref"](src, idx, splits, w, rowids)
+        for name, f in impls.items():
+            got = f(src, idx, splits, w, rowids)
+            e = err(got, want)
+            del got
+            t = timeit(lambda: f(src, idx, splits, w, rowids))
+            add("pool", case["id"], name, t, nbytes, max_err=e, bags=b, dim=d)
+        add_torch("pool", case["id"], nbytes)
+
+    if "pool" in sections:
+        for case in spec["pool"]:
+            guard("pool", case["id"], lambda: pool_case(case))
+
+    # ---------------------------------------------------------------- backward segment sum
+    def bwd_case(case):
+        d = case["dim"]
+        ids_np = bench_ids(case["dist"], C, R, spec["seed"] + 1)
+        uniq, inv_np = np.unique(ids_np, return_inverse=True)
+        u = len(uniq)
+        order_np = np.argsort(inv_np, kind="stable").astype(np.int32)
+        seg_np = inv_np[order_np].astype(np.int32)
+        splits_np = np.searchsorted(seg_np, np.arange(u + 1), side="left").astype(np.int32)
+        g = jax.random.normal(jax.random.fold_in(key, 7), (C, d), jnp.float32)
+        inv, order, seg, splits = (jnp.asarray(x) for x in (inv_np.astype(np.int32), order_np,
+                                                             seg_np, splits_np))
+        nbytes = C * (4 + 4 * d) + 4 * (u + 1) + 4 * u * d
+        impls = {
+            "pallas": jax.jit(lambda g, order, seg, splits, inv: eb.segment_gather_sum(
+                g, splits, order, impl=kimpl)),
+            "xla_ref": jax.jit(lambda g, order, seg, splits, inv: sorted_segment_sum(g[order], seg, u)),
+            "xla_segsum": jax.jit(lambda g, order, seg, splits, inv: jax.ops.segment_sum(g, inv, u)),
+        }
+        for cfg in bwd_variants if case["id"] == "d64_uni" else ():
+            impls[f"pallas{tuple(cfg)}"] = jax.jit(
+                lambda g, order, seg, splits, inv, cfg=cfg: eb.segment_gather_sum_pallas(
+                    g, splits, order, config=cfg, interpret=not gpu))
+        args = (g, order, seg, splits, inv)
+        want = impls["xla_ref"](*args)
+        for name, f in impls.items():
+            got = f(*args)
+            e = err(got, want)
+            del got
+            t = timeit(lambda: f(*args))
+            add("bwd", case["id"], name, t, nbytes, max_err=e, unique=u, dim=d)
+        add_torch("bwd", case["id"], nbytes)
+
+    if "bwd" in sections:
+        for case in spec["bwd"]:
+            guard("bwd", case["id"], lambda: bwd_case(case))
+    tables.clear()
+
+    # ---------------------------------------------------------------- fused optimizer update
+    def update_case(case):
+        d, u = case["dim"], spec["touched"]
+        opt = optim.make(case["opt"], lr=0.01)
+        rng = np.random.default_rng(spec["seed"] + 2)
+        rows = jnp.asarray(rng.choice(R, u, replace=False).astype(np.int32))
+        g = jax.random.normal(jax.random.fold_in(key, 8), (u, d), jnp.float32)
+        mask = jnp.ones((u,), bool)
+        nslot_dim = sum(1 for s in opt.init(1, d).values() if s.ndim == 2)
+        nslot_row = len(opt.slot_names) - nslot_dim
+        nbytes = u * (4 + 1 + 4 * d + 2 * 4 * d * (1 + nslot_dim) + 2 * 4 * nslot_row)
+
+        def fresh():
+            emb = jax.random.normal(jax.random.fold_in(key, 9), (R, d), jnp.float32)
+            return emb, opt.init(R, d)
+
+        row_fn = _row_update_of(opt) if case["id"] == "adam_d64" and gpu else None
+
+        results = {}
+        runs = [("xla_ref", "reference", None), ("pallas", kimpl, None)]
+        if case["id"] == "adam_d64" and gpu:
+            runs += [(f"pallas{tuple(c)}", "pallas", c) for c in update_variants]
+        for name, impl, cfg in runs:
+            if cfg is None:
+                def upd(e, s, rows, g, mask, impl=impl):
+                    return opt.apply(e, s, rows, g, mask, jnp.int32(1), impl=impl)
+            else:
+                def upd(e, s, rows, g, mask, cfg=cfg):  # the optimizer's math, one config
+                    from pallas_kernels import sparse_update as su  # noqa: PLC0415
+                    return su.sparse_update_pallas(
+                        row_fn, e, s, rows, g, mask, jnp.float32(0.01), jnp.int32(1), config=cfg)
+            f = jax.jit(upd, donate_argnums=(0, 1))
+            st = list(fresh())
+            e1, s1 = f(*st, rows, g, mask)
+            results[name] = (e1[rows[:4096]], {k: v[rows[:4096]] for k, v in s1.items()})
+            st = [e1, s1]
+            del e1, s1
+
+            def call():
+                st[0], st[1] = f(st[0], st[1], rows, g, mask)
+                return st[0]
+            t = timeit(call)
+            ref = results["xla_ref"]
+            e = max(err(results[name][0], ref[0]), *[err(results[name][1][k], ref[1][k]) for k in ref[1]]) \
+                if ref[1] else err(results[name][0], ref[0])
+            add("update", case["id"], name, t, nbytes, dim=d, touched=u, max_err=e)
+            st.clear()
+        add_torch("update", case["id"], nbytes)
+
+    if "update" in sections:
+        for case in spec["update"]:
+            guard("update", case["id"], lambda: update_case(case))
+
+    # ---------------------------------------------------------------- ids partition
+    def partition_case(case):
+        n = C
+        rng = np.random.default_rng(spec["seed"] + 3)
+        keys = jnp.asarray(common.vocab_key(rng.integers(0, 1 << 40, n)))
+        tabs = jnp.asarray(rng.integers(0, 4, n).astype(np.int32))
+        valid = jnp.asarray(rng.random(n) < 0.95)
+        k = case["shards"]
+        nbytes = n * (8 + 4 + 1) + n * 12
+        impls = {"pallas": jax.jit(lambda t, x, v: ip.ids_partition(t, x, v, k, impl=kimpl)),
+                 "xla_ref": jax.jit(lambda t, x, v: ip.ids_partition_reference(t, x, v, k))}
+        want = impls["xla_ref"](tabs, keys, valid)
+        for name, f in impls.items():
+            got = f(tabs, keys, valid)
+            ok = all(bool(jnp.all(x == y)) for x, y in zip(got, want))
+            t = timeit(lambda: f(tabs, keys, valid))
+            add("partition", case["id"], name, t, nbytes, correct=ok, shards=k)
+        add_torch("partition", case["id"], nbytes)
+
+    if "partition" in sections:
+        for case in spec["partition"]:
+            guard("partition", case["id"], lambda: partition_case(case))
+
+    # ---------------------------------------------------------------- pool kernel variants
+    if "sweep" in sections and gpu:
+        for d, cfg in pool_variants:
+            def one(d=d, cfg=cfg):
+                for bag in (32,):
+                    ids = jnp.asarray(bench_ids("uniform", C, R, spec["seed"]))
+                    sp_np = bench_splits(bag, C, spec["seed"])
+                    sp = jnp.asarray(sp_np)
+                    f = jax.jit(lambda s, i, sp: eb.segment_gather_sum_pallas(s, sp, i, config=cfg))
+                    tab = table(d)
+                    t = timeit(lambda: f(tab, ids, sp))
+                    row = common.bandwidth_row("pallas", t, pool_bytes({"dim": d}, C, len(sp_np) - 1),
+                                               copy_gbps, None, dim=d, bag=bag, config=str(tuple(cfg)))
+                    report["sweep"].append(row)
+                    print("sweep", row["dim"], row["bag"], row["config"], row["time_us"], row["GBps"],
+                          flush=True)
+            guard("sweep", str((d, tuple(cfg))), one)
+    save()
+    print(render_sparse_md(report), flush=True)
+    return 0
+
+
+def _row_update_of(opt):
+    """The per-row math closure of a recis_jax sparse optimizer (for timing kernel
+    configs directly): captured from one traced apply call."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from pallas_kernels import sparse_update as su  # noqa: PLC0415
+
+    seen = {}
+    orig = su.sparse_update
+
+    def spy(row_update, *args, **kw):
+        seen["f"] = row_update
+        return orig(row_update, *args, **kw)
+    su.sparse_update = spy
+    try:
+        jax.eval_shape(lambda: opt.apply(jnp.zeros((4, 2)), opt.init(4, 2), jnp.zeros(1, jnp.int32),
+                                         jnp.zeros((1, 2)), jnp.ones(1, bool), 1, impl="reference"))
+    finally:
+        su.sparse_update = orig
+    return seen["f"]
+
+
+def render_sparse_md(r: dict) -> str:
+    env = r["env"]
+    v = env.get("versions", {})
+    t = r.get("torch", {})
+    sp = r["spec"]
+    lines = [
+        "# Sparse-path ops: Pallas-Triton kernels vs XLA vs torch",
+        "",
+        f"- device: {env.get('gpu_name') or env.get('jax_device')} (driver {env.get('driver', 'n/a')}), "
+        f"host {env.get('host')}, {env.get('cpu_count')} CPUs",
+        f"- versions: python {env.get('python')}, jax {v.get('jax')}, jaxlib {v.get('jaxlib')}, "
+        f"torch {t.get('torch', v.get('torch'))} (CUDA {t.get('torch_cuda')}), triton {v.get('triton')}",
+        f"- date: {env.get('date_utc')}",
+        f"- table rows {sp['rows']}, lookups {sp['lookups']}, touched rows (update) {sp['touched']}; "
+        "float32; ids uniform or Zipf(s=1, scrambled); bags of 32 or log-uniform 1k-100k ('long')",
+        "- time_us: median over repeats of 5 back-to-back calls per sync (host clock; torch: CUDA "
+        "events); GBps: bytes (see benchmarks/ops.py) / time; frac_copy: GBps / JAX `jnp.copy` "
+        "GBps of a 1 GB array in the same run; x_torch: torch time / this time (> 1 = faster than "
+        "torch); max_err: max |x - ref| / (1 + |ref|) against xla_ref.",
+        "- impls: pallas = pallas_kernels (embedding_bag.segment_gather_sum, sparse_update, "
+        "ids_partition); xla_ref = their pure-jnp references (deterministic: sorted-segment scan; "
+        "gather/scatter; sort); xla_segsum = jax.ops.segment_sum (scatter-add with float atomics, "
+        "not deterministic); torch: F.embedding_bag, index_add_, eager index_select/index_copy_ "
+        "Adam/Adagrad, hash + stable sort + bincount.",
+        "",
+    ]
+    if "copy" in r:
+        lines.append(f"copy bandwidth (JAX `jnp.copy`, 1 GB, read+write): {r['copy']['GBps']} GB/s"
+                     + (f"; torch copy_: {r['torch_copy']['GBps']:.0f} GB/s" if "torch_copy" in r else ""))
+        lines.append("")
+    if "skipped" in t:
+        lines += [f"torch: skipped ({str(t['skipped'])[:300]})", ""]
+    titles = {"pool": "gather + pool (forward)", "bwd": "backward: segment sum onto unique rows",
+              "update": "fused sparse optimizer update (donated, in place)",
+              "partition": "ids partition by owner"}
+    cols = ["case", "impl", "time_us", "GBps", "frac_copy", "x_torch", "max_err", "correct"]
+    for sec, title in titles.items():
+        rows = [x for x in r["rows"] if x["section"] == sec]
+        if rows:
+            lines += [f"## {title}", "", common.md_table(rows, cols), ""]
+    if r.get("sweep"):
+        lines += ["## pool kernel variants (Config(rows, lanes, piece, num_warps))", "",
+                  common.md_table(r["sweep"], ["dim", "bag", "config", "time_us", "GBps", "frac_copy"]), ""]
+    if r["errors"]:
+        lines += ["## errors", ""]
+        for e in r["errors"]:
+            lines.append(f"- {e['section']} {e['case']}: `{e['error'][-700:]}`")
     return "\n".join(lines) + "\n"
 
 

@@ -256,3 +256,44 @@ def test_other_configs_train(tmp_path, config):
                                           "--config.train.checkpoint_every=0", "--config.train.log_every=0"])
     s = train_main.train_and_evaluate(cfg, str(tmp_path))
     assert s["steps"] > 0 and 0 <= s["eval"]["auc"] <= 1 and np.isfinite(s["eval"]["logloss"])
+
+
+def test_gauc_eviction_profile_and_eval_cli(tmp_path):
+    cfg = small_config("--config.eval.gauc_group=c1", "--config.embedding.evict_after_steps=3",
+                       "--config.train.profile_steps=(2, 3)", "--config.train.checkpoint_every=0")
+    s = train_main.train_and_evaluate(cfg, str(tmp_path))
+    ev = s["eval"]
+    assert 0 <= ev["gauc"] <= 1 and ev["gauc_groups"] > 0
+    assert s["counts"]["evicted"] > 0           # rows unseen for 3 steps went away
+    assert any((tmp_path / "profile").rglob("*.xplane.pb"))
+    # `recis-jax eval` on the final checkpoint gives the same numbers.
+    from recis_jax import cli
+
+    assert cli.main(["eval", "--config", "configs/deepfm.py:smoke", "--workdir", str(tmp_path)] + SMALL +
+                    ["--config.eval.gauc_group=c1", "--config.embedding.evict_after_steps=3"]) == 0
+
+
+def test_multitask_with_weights(tmp_path):
+    import jax.numpy as jnp
+
+    from recis_jax.models import MMoE
+    from recis_jax.train import Task
+
+    cfg = small_config()
+    r = recipes.build(cfg)
+    cats, nums = r.categorical, r.numeric
+
+    def inputs(emb, batch):
+        x = [emb[c] for c in cats] + [batch[n] for n in nums]
+        return dict(x=jnp.concatenate(x, axis=1))
+
+    task = Task(MMoE(num_tasks=2, num_experts=2, expert=(8,), tower=(4,), dtype=jnp.float32),
+                inputs, labels=("label", "label"), task_weights=(1.0, 0.5), sample_weight="i2")
+    t = Trainer(task, r.engine, r.dense_tx, r.sparse_opt, features=r.features, workdir=None, log_every=None)
+    tr, ev, _ = train_main.data_paths(cfg, str(tmp_path))
+    train, evr = train_main.make_readers(cfg, r, tr, ev)
+    s = t.fit(train, eval_reader=evr, num_steps=3)
+    assert set(s["eval"]) >= {"auc", "auc/label", "logloss/label"}
+    bad = Task(r.task.module, r.task.inputs, labels=("label", "label"))   # DeepFM has one logit
+    with pytest.raises(ValueError, match="2 label"):
+        Trainer(bad, r.engine, r.dense_tx, r.sparse_opt, features=r.features).fit(train, num_steps=1)

@@ -6,7 +6,10 @@ lookup step yields the unique touched row ids `rows [U]`, their summed gradients
 `row_grads [U, dim]` and a lane mask `mask [U]` (the buffers have a static capacity U,
 so trailing lanes are padding). An optimizer here gathers the U rows and their slots,
 computes in float32 and scatters them back: the work is proportional to U, never to R,
-and under buffer donation the scatters are in place. The optimizers know nothing about
+and under buffer donation the scatters are in place. A fused Pallas-Triton kernel
+(pallas_kernels/sparse_update.py: each touched row and its slots read once and written
+once, same per-row math) is available with `apply(..., impl="pallas")` on GPU; it is not
+the default until benchmarked (FUSED_UPDATE_BY_DEFAULT). The optimizers know nothing about
 the hashtable; they see the slab and row indices only.
 
 Each factory returns a `SparseOptimizer(init, apply, slot_names, reset)`:
@@ -49,12 +52,16 @@ Per-row clipping. With `clip_norm`, each row's gradient is scaled by
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels import dispatch, sparse_update
+from pallas_kernels.sparse_update import clip_rows
 
 Slots = dict[str, jax.Array]
 # A float, or an optax-style schedule: a function of the (float32) step -> learning rate.
@@ -105,13 +112,6 @@ def nonfinite_rows(row_grads: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.logical_and(mask, bad), dtype=jnp.int32)
 
 
-def clip_rows(g: jax.Array, clip_norm: float) -> jax.Array:
-    """Scale each row of `g [U, dim]` float32 to an L2 norm of at most `clip_norm`."""
-    norm = jnp.sqrt(jnp.sum(g * g, axis=-1, keepdims=True))  # [U, 1]
-    # clip / max(norm, clip) is 1 for small rows and never divides by zero.
-    return g * (clip_norm / jnp.maximum(norm, clip_norm))
-
-
 def learning_rate_at(learning_rate: LearningRate, count: jax.Array) -> jax.Array:
     """`learning_rate` as a float32 scalar, a schedule evaluated at `count` (as float32)."""
     if callable(learning_rate):
@@ -121,28 +121,26 @@ def learning_rate_at(learning_rate: LearningRate, count: jax.Array) -> jax.Array
     return jnp.asarray(learning_rate, jnp.float32)
 
 
-def _row_index(rows: jax.Array, valid: jax.Array, num_rows: int) -> jax.Array:
-    """Gather/scatter indices `[U]`: `rows` where valid, else distinct rows >= num_rows.
-
-    Out-of-range indices read as zeros (gather mode "fill") and are dropped by the
-    scatter (mode "drop"). Making them distinct (num_rows + lane) keeps all indices
-    unique, so the scatter may promise `unique_indices`.
-    """
-    num_lanes = rows.shape[0]
-    dtype = rows.dtype
-    if num_rows + num_lanes > np.iinfo(dtype).max:
-        dtype = jnp.int64
-    rows = rows.astype(dtype)
-    valid = valid & (rows >= 0) & (rows < num_rows)
-    return jnp.where(valid, rows, num_rows + jnp.arange(num_lanes, dtype=dtype))
+# Whether `apply` takes the fused Pallas kernel by default on GPU. Off until a GPU
+# benchmark shows it is not slower than this XLA path (benchmarks/ops.py --ops sparse,
+# section "update"; not yet measured: the kernel is GPU-tested for correctness only).
+# Opt in per call with `apply(..., impl="pallas")` or for everything with RECIS_KERNELS.
+FUSED_UPDATE_BY_DEFAULT = False
 
 
-def _gather(table: jax.Array, index: jax.Array) -> jax.Array:
-    return table.at[index].get(mode="fill", fill_value=0)
+def _update_impl(impl: str | None) -> str | None:
+    if impl is not None or FUSED_UPDATE_BY_DEFAULT:
+        return impl
+    if os.environ.get(dispatch.ENV_VAR, "auto").strip().lower() != "auto":
+        return None  # an explicit RECIS_KERNELS choice applies
+    return "reference"
 
 
-def _scatter(table: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
-    return table.at[index].set(values.astype(table.dtype), mode="drop", unique_indices=True)
+# The gather/scatter helpers and clip_rows live beside the fused kernel, so that its
+# reference path (the XLA formulation) is these exact ops.
+_row_index = sparse_update.row_index
+_gather = sparse_update.gather_rows
+_scatter = sparse_update.scatter_rows
 
 
 def _check_positive(name: str, value: float | None, allow_zero: bool = False) -> None:
@@ -190,6 +188,7 @@ def _build(
         *,
         lr_step: jax.Array | int | None = None,
         lr: jax.Array | float | None = None,
+        impl: str | None = None,
     ) -> tuple[jax.Array, Slots]:
         """Update the touched rows of `embedding` and `slots`; all other rows untouched.
 
@@ -204,30 +203,23 @@ def _build(
           lr_step: the step a learning-rate schedule is evaluated at (the global step);
             defaults to `step`. Ignored for a constant learning rate.
           lr: a learning rate (float32 scalar) that overrides the factory's.
+          impl: "reference" (XLA) | "pallas" (the fused kernel, GPU) | "interpret"; the
+            default is XLA (see FUSED_UPDATE_BY_DEFAULT) unless RECIS_KERNELS is set.
 
         Returns:
           `(embedding, slots)`, same shapes and dtypes. Rows whose gradient is not
           finite are left unchanged (count them with `nonfinite_rows`).
         """
-        num_rows = embedding.shape[0]
-        g = row_grads.astype(jnp.float32)  # [U, dim]
-        finite = jnp.all(jnp.isfinite(g), axis=-1)  # [U]
-        index = _row_index(rows, mask & finite, num_rows)  # [U]
-        if clip_norm is not None:
-            g = clip_rows(g, clip_norm)
         if lr is not None:
             lr_value = jnp.asarray(lr, jnp.float32)
         else:
             lr_value = learning_rate_at(learning_rate, step if lr_step is None else lr_step)
         t = jnp.asarray(step, jnp.int32)
-
-        p = _gather(embedding, index).astype(jnp.float32)  # [U, dim]
-        slot_rows = {name: _gather(slots[name], index) for name in slot_names}
-        p, slot_rows = row_update(p, slot_rows, g, lr_value, t)
-
-        embedding = _scatter(embedding, index, p)
-        slots = {name: _scatter(slots[name], index, slot_rows[name]) for name in slot_names}
-        return embedding, slots
+        # Gather, per-row math, scatter in XLA; or one fused Pallas kernel that reads and
+        # writes each touched row and its slots once (pallas_kernels/sparse_update.py).
+        return sparse_update.sparse_update(
+            row_update, embedding, {name: slots[name] for name in slot_names}, rows, row_grads,
+            mask, lr_value, t, clip_norm=clip_norm, impl=_update_impl(impl))
 
     return SparseOptimizer(init=init, apply=apply, slot_names=slot_names, reset=reset)
 

@@ -75,7 +75,11 @@ class Task:
         """float32 [B, T] logits."""
         out = self.module.apply({"params": params}, **self.inputs(emb, features))
         out = jnp.asarray(out, jnp.float32)
-        return out[:, None] if out.ndim == 1 else out
+        out = out[:, None] if out.ndim == 1 else out
+        if out.ndim != 2 or out.shape[1] != self.num_tasks:
+            raise ValueError(f"the model returns logits of shape {out.shape} but the task has {self.num_tasks} "
+                             f"label(s) {tuple(self.labels)}: expected [B] or [B, {self.num_tasks}]")
+        return out
 
 
 def _column(x, name: str) -> jnp.ndarray:

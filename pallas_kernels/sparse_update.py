@@ -1,0 +1,240 @@
+"""Fused sparse optimizer update: touched rows and their slots read once, written once.
+
+    embedding, slots = sparse_update(row_update, embedding, slots, rows, row_grads, mask,
+                                     lr, t, clip_norm=None)
+
+`row_update(p, slot_rows, g, lr, t) -> (p, slot_rows)` is the per-row math of a
+`recis_jax.optim.sparse` optimizer (Adam, AdamW, AdamW-TF, Adagrad, row-wise Adagrad,
+SGD), on float32 `[U, dim]` rows (`[U]` for per-row slots). The semantics are those of
+`SparseOptimizer.apply` (see recis_jax/optim/sparse.py): lanes with mask False, a row id
+outside [0, R), or a non-finite gradient are neither read nor written; live row ids are
+unique; with `clip_norm` each gradient row is scaled to at most that L2 norm first; the
+math is float32 whatever the storage dtype (rows cast back with round-to-nearest).
+
+`sparse_update_reference` is the XLA formulation (gather, math, one scatter per array
+with `unique_indices`); `sparse_update` dispatches (pallas_kernels.dispatch): the
+Pallas-Triton kernel on GPU, the reference elsewhere. `recis_jax.optim.sparse` calls it
+with impl="reference" unless asked otherwise (its FUSED_UPDATE_BY_DEFAULT): the kernel
+passes its tests compiled on an H100, but its speed against XLA's is not yet measured.
+
+Kernel design (jax 0.11.2, Pallas-Triton): a 1-D grid over blocks of G lanes. Each
+program gathers its G gradient rows, checks them (finite, live, in range), gathers the G
+embedding rows and slot rows, runs `row_update` on [G, dim] tiles in registers and
+stores the rows back with masked scatter stores into the same buffers
+(`input_output_aliases`: under buffer donation the update is in place and the R - U
+untouched rows are never copied). XLA's version writes each updated array to a
+temporary and scatters it, moving about twice the bytes. Masked-off lanes store to a
+distinct out-of-range row (masked on GPU; dropped by interpret mode's scatter), so no
+two lanes of a store share a target. The learning rate and step enter as [1] arrays;
+the per-row math (incl. Adam's bias correction, recomputed per program) is the same
+Python function as the reference's, so results agree to float rounding (Triton may
+contract a * b + c into an FMA where XLA does not, and vice versa).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import dispatch
+
+Slots = dict[str, jax.Array]
+RowUpdate = Callable[..., tuple[jax.Array, Slots]]
+
+
+class Config(NamedTuple):
+    """Static launch configuration of the update kernel."""
+
+    lanes: int = 32     # rows per program (power of 2)
+    num_warps: int = 4
+
+
+def default_config(dim: int) -> Config:
+    """About 2k elements per tile: 128 rows at dim 16, 32 at 64, 16 at 128."""
+    return Config(lanes=max(1, min(256, 2048 // dim)), num_warps=4)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+# (recis_jax.optim.sparse re-exports these; they are the reference's exact ops)
+
+def row_index(rows: jax.Array, valid: jax.Array, num_rows: int) -> jax.Array:
+    """Gather/scatter indices `[U]`: `rows` where valid, else distinct rows >= num_rows.
+
+    Out-of-range indices read as zeros (gather mode "fill") and are dropped by the
+    scatter (mode "drop"). Making them distinct (num_rows + lane) keeps all indices
+    unique, so the scatter may promise `unique_indices`.
+    """
+    num_lanes = rows.shape[0]
+    dtype = rows.dtype
+    if num_rows + num_lanes > np.iinfo(dtype).max:
+        dtype = jnp.int64
+    rows = rows.astype(dtype)
+    valid = valid & (rows >= 0) & (rows < num_rows)
+    return jnp.where(valid, rows, num_rows + jnp.arange(num_lanes, dtype=dtype))
+
+
+def gather_rows(table: jax.Array, index: jax.Array) -> jax.Array:
+    return table.at[index].get(mode="fill", fill_value=0)
+
+
+def scatter_rows(table: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
+    return table.at[index].set(values.astype(table.dtype), mode="drop", unique_indices=True)
+
+
+def clip_rows(g: jax.Array, clip_norm: float) -> jax.Array:
+    """Scale each row of `g [U, dim]` float32 to an L2 norm of at most `clip_norm`."""
+    norm = jnp.sqrt(jnp.sum(g * g, axis=-1, keepdims=True))  # [U, 1]
+    # clip / max(norm, clip) is 1 for small rows and never divides by zero.
+    return g * (clip_norm / jnp.maximum(norm, clip_norm))
+
+
+# ----------------------------------------------------------------------------- reference
+
+def sparse_update_reference(row_update: RowUpdate, embedding: jax.Array, slots: Slots,
+                            rows: jax.Array, row_grads: jax.Array, mask: jax.Array,
+                            lr: jax.Array, t: jax.Array, *, clip_norm: float | None = None
+                            ) -> tuple[jax.Array, Slots]:
+    """XLA reference of `sparse_update` (gather, math, scatter per array)."""
+    num_rows = embedding.shape[0]
+    g = row_grads.astype(jnp.float32)  # [U, dim]
+    finite = jnp.all(jnp.isfinite(g), axis=-1)  # [U]
+    index = row_index(rows, mask & finite, num_rows)  # [U]
+    if clip_norm is not None:
+        g = clip_rows(g, clip_norm)
+    p = gather_rows(embedding, index).astype(jnp.float32)  # [U, dim]
+    slot_rows = {name: gather_rows(slots[name], index) for name in slots}
+    p, slot_rows = row_update(p, slot_rows, g, lr, t)
+    embedding = scatter_rows(embedding, index, p)
+    slots = {name: scatter_rows(slots[name], index, slot_rows[name]) for name in slots}
+    return embedding, slots
+
+
+# ----------------------------------------------------------------------------- kernel
+
+def _store(ref, target, val, mask):
+    """ref[target[i]] = val[i] where mask[i] (target [G] distinct; val [G] or [G, D])."""
+    if val.ndim == 1:
+        plgpu.store(ref.at[target], val, mask=mask)
+        return
+    g, d = val.shape
+    r = jnp.broadcast_to(target[:, None], (g, d))
+    c = lax.broadcasted_iota(jnp.int32, (g, d), 1)
+    plgpu.store(ref.at[r, c], val, mask=jnp.broadcast_to(mask[:, None], (g, d)))
+
+
+def _update_kernel(*refs, row_update, names, per_row, clip_norm, num_rows, num_lanes, g):
+    n = len(names)
+    rows_ref, mask_ref, grad_ref, lr_ref, t_ref, emb_in = refs[:6]
+    slot_in = refs[6:6 + n]
+    emb_out = refs[6 + n]
+    slot_out = refs[7 + n:7 + 2 * n]
+
+    local = lax.broadcasted_iota(jnp.int32, (g,), 0)
+    lane = pl.program_id(0) * g + local                                          # [G]
+    lane_ok = lane < num_lanes
+    lc = jnp.where(lane_ok, lane, 0)
+    r = rows_ref[lc]
+    grad = grad_ref[lc, :].astype(jnp.float32)                                    # [G, D]
+    bad = jnp.sum((~jnp.isfinite(grad)).astype(jnp.int32), axis=1, dtype=jnp.int32)   # [G]
+    valid = lane_ok & (mask_ref[lc] != 0) & (bad == 0) & (r >= 0) & (r < num_rows)
+    rc = jnp.where(valid, r, 0)
+    if clip_norm is not None:
+        grad = clip_rows(grad, clip_norm)
+    p = emb_in[rc, :].astype(jnp.float32)                                         # [G, D]
+    srows = {}
+    for name, ref, pr in zip(names, slot_in, per_row):
+        srows[name] = ref[rc] if pr else ref[rc, :]
+    lr = lr_ref[0]
+    t = t_ref[0]
+    p, srows = row_update(p, srows, grad, lr, t)
+    target = jnp.where(valid, rc, num_rows + local)   # distinct; masked ones out of range
+    _store(emb_out, target, p.astype(emb_out.dtype), valid)
+    for name, ref in zip(names, slot_out):
+        _store(ref, target, srows[name].astype(ref.dtype), valid)
+
+
+@functools.partial(jax.jit, static_argnames=("row_update", "clip_norm", "config", "interpret"))
+def _sparse_update_pallas(embedding, slots, rows, row_grads, mask, lr, t, *, row_update,
+                          clip_norm, config, interpret):
+    names = tuple(slots)
+    r, d = embedding.shape
+    u = rows.shape[0]
+    per_row = tuple(slots[k].ndim == 1 for k in names)
+    g = config.lanes
+    inputs = [rows.astype(jnp.int32), mask.astype(jnp.int32), row_grads,
+              jnp.reshape(lr, (1,)).astype(jnp.float32), jnp.reshape(t, (1,)).astype(jnp.int32),
+              embedding] + [slots[k] for k in names]
+    out_shape = [jax.ShapeDtypeStruct(embedding.shape, embedding.dtype)] + [
+        jax.ShapeDtypeStruct(slots[k].shape, slots[k].dtype) for k in names]
+    aliases = {5 + i: i for i in range(1 + len(names))}
+    outs = pl.pallas_call(
+        functools.partial(_update_kernel, row_update=row_update, names=names, per_row=per_row,
+                          clip_norm=clip_norm, num_rows=r, num_lanes=u, g=g),
+        out_shape=out_shape,
+        grid=(pl.cdiv(u, g),),
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps),
+        interpret=interpret,
+        name="sparse_update",
+    )(*inputs)
+    return outs[0], dict(zip(names, outs[1:]))
+
+
+def _is_pow2(v: int) -> bool:
+    return v >= 1 and (v & (v - 1)) == 0
+
+
+def sparse_update_pallas(row_update: RowUpdate, embedding, slots, rows, row_grads, mask, lr, t, *,
+                         clip_norm: float | None = None, interpret: bool = False,
+                         config: Config | None = None):
+    """The Pallas path of `sparse_update`. Falls back to the reference for a dim that is
+    not a power of 2, float64 storage, more than 2**31 - 1 rows, or no lanes."""
+    r, d = embedding.shape
+    u = rows.shape[0]
+    ok = (_is_pow2(d) and u > 0 and r > 0 and r + u < 2**31
+          and embedding.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
+          and all(v.dtype == jnp.float32 and v.shape[0] == r for v in slots.values()))
+    if not ok:
+        return sparse_update_reference(row_update, embedding, slots, rows, row_grads, mask, lr, t,
+                                       clip_norm=clip_norm)
+    cfg = config if config is not None else default_config(d)
+    return _sparse_update_pallas(embedding, dict(slots), rows, row_grads, mask,
+                                 jnp.asarray(lr, jnp.float32), jnp.asarray(t, jnp.int32),
+                                 row_update=row_update, clip_norm=clip_norm, config=cfg,
+                                 interpret=interpret)
+
+
+def sparse_update(row_update: RowUpdate, embedding: jax.Array, slots: Slots, rows: jax.Array,
+                  row_grads: jax.Array, mask: jax.Array, lr: jax.Array, t: jax.Array, *,
+                  clip_norm: float | None = None, impl: str | None = None
+                  ) -> tuple[jax.Array, Slots]:
+    """Applies `row_update` to the touched rows of `embedding` and `slots`.
+
+    Args:
+      row_update: `(p, slot_rows, g, lr, t) -> (p, slot_rows)`, float32 per-row math
+        (hashable: it is a static argument of the kernel's jit).
+      embedding: [R, dim] float32 / bfloat16 (donate it for an in-place update).
+      slots: {name: [R, dim] or [R] float32} (donate them too).
+      rows: [U] int row ids, unique among live lanes.
+      row_grads: [U, dim] summed gradient per row.
+      mask: [U] bool, False lanes are neither read nor written.
+      lr: float32 scalar learning rate; t: int32 scalar step (after its increment).
+      clip_norm: per-row gradient clipping, or None.
+      impl: dispatch override.
+    Returns:
+      (embedding, slots), same shapes and dtypes.
+    """
+    which = dispatch.resolve(impl)
+    if which == "reference":
+        return sparse_update_reference(row_update, embedding, slots, rows, row_grads, mask, lr, t,
+                                       clip_norm=clip_norm)
+    return sparse_update_pallas(row_update, embedding, slots, rows, row_grads, mask, lr, t,
+                                clip_norm=clip_norm, interpret=(which == "interpret"))

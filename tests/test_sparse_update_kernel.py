@@ -1,0 +1,154 @@
+"""Fused sparse optimizer update: the Pallas kernel (interpret on CPU, compiled on GPU) vs
+the XLA reference (recis_jax.optim.sparse's formulation) for every sparse optimizer.
+
+GPU: `JAX_PLATFORMS=cuda python3 -m pytest -q tests/test_sparse_update_kernel.py`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import recis_jax  # noqa: F401  (x64 on)
+from pallas_kernels import dispatch
+from pallas_kernels import sparse_update as su
+from recis_jax import optim
+
+# The 1e20 gradient row squares to inf in float32 on purpose (eager NumPy ops warn).
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+ON_GPU = jax.default_backend() == "gpu"
+KERNEL_IMPLS = ["interpret"] + (["pallas"] if ON_GPU else [])
+R, DIM, U = 97, 8, 37  # U: not a multiple of the lanes per program
+
+CASES = {
+    "adam": dict(lr=0.05, b1=0.8, b2=0.99, eps=1e-6),
+    "adamw": dict(lr=0.05, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.1),
+    "adamw_tf": dict(lr=0.05, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.02),
+    "adagrad": dict(lr=0.1, initial_accumulator_value=0.2, eps=1e-8),
+    "rowwise_adagrad": dict(lr=0.1, initial_accumulator_value=0.05, eps=1e-8),
+    "sgd": dict(lr=0.3),
+}
+
+
+def random_state(rng, opt, dtype=jnp.float32, dim=DIM):
+    emb = jnp.asarray(rng.normal(0.0, 1.0, (R, dim)), dtype)
+    slots = {k: v + jnp.asarray(np.abs(rng.normal(0.0, 0.1, v.shape)), jnp.float32)
+             for k, v in opt.init(R, dim, dtype).items()}
+    return emb, slots
+
+
+def random_step(rng, dim=DIM, num_live=30):
+    """Unique live rows; padding lanes that collide with live rows, are negative or out of
+    range; a NaN and an inf gradient row; boundary-sized gradients."""
+    rows = np.empty(U, np.int32)
+    rows[:num_live] = rng.choice(R, num_live, replace=False)
+    rows[num_live:] = rng.choice([int(rows[0]), R + 3, -1, 0], U - num_live)
+    rows[1], rows[2] = -5, R          # masked-True but out of range: dropped
+    grads = rng.normal(0.0, 1.0, (U, dim)).astype(np.float32)
+    grads[3, 0] = np.nan
+    grads[4, dim - 1] = -np.inf
+    grads[5] *= 1e20                  # huge (clipping / v overflow region)
+    grads[6] = 0.0
+    grads[num_live:] = 1e6            # garbage in padding must not leak
+    mask = np.arange(U) < num_live
+    perm = rng.permutation(U)
+    return rows[perm], grads[perm], mask[perm]
+
+
+def assert_close(got, want, rtol=2e-6, atol=2e-6):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=atol), got, want)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+class TestFusedUpdate:
+
+    @pytest.mark.parametrize("name", sorted(CASES))
+    def test_matches_reference(self, impl, name):
+        rng = np.random.default_rng(len(name))
+        opt = optim.make(name, **CASES[name])
+        emb, slots = random_state(rng, opt)
+        rows, grads, mask = random_step(rng)
+        for t in (1, 7):
+            want = opt.apply(emb, slots, rows, grads, mask, jnp.int32(t), impl="reference")
+            got = opt.apply(emb, slots, rows, grads, mask, jnp.int32(t), impl=impl)
+            assert_close(got, want)
+            # Rows not touched by a live finite lane are bitwise unchanged.
+            live = set(int(r) for r, m, g in zip(rows, mask, grads)
+                       if m and 0 <= r < R and np.all(np.isfinite(g)))
+            untouched = np.array(sorted(set(range(R)) - live))
+            np.testing.assert_array_equal(np.asarray(got[0])[untouched], np.asarray(emb)[untouched])
+            emb, slots = got
+
+    @pytest.mark.parametrize("name", ["adamw", "rowwise_adagrad"])
+    def test_bfloat16_storage_and_clipping(self, impl, name):
+        rng = np.random.default_rng(3)
+        opt = optim.make(name, **CASES[name], clip_norm=0.5)
+        emb, slots = random_state(rng, opt, jnp.bfloat16)
+        rows, grads, mask = random_step(rng)
+        want = opt.apply(emb, slots, rows, grads, mask, jnp.int32(2), impl="reference")
+        got = opt.apply(emb, slots, rows, grads, mask, jnp.int32(2), impl=impl)
+        assert got[0].dtype == jnp.bfloat16
+        # bf16 rounding of a value within an ulp of a tie may go either way.
+        assert_close(got, want, rtol=1e-2, atol=1e-2)
+        assert_close(got[1], want[1])
+
+    def test_donated_under_jit(self, impl):
+        rng = np.random.default_rng(4)
+        opt = optim.make("adam", **CASES["adam"])
+        emb, slots = random_state(rng, opt)
+        rows, grads, mask = random_step(rng)
+        want = opt.apply(emb, slots, rows, grads, mask, jnp.int32(1), impl="reference")
+        step = jax.jit(lambda e, s: opt.apply(e, s, rows, grads, mask, jnp.int32(1), impl=impl),
+                       donate_argnums=(0, 1))
+        got = step(emb, slots)
+        assert_close(got, want)
+        assert emb.is_deleted()
+
+    def test_lr_schedule_and_override(self, impl):
+        rng = np.random.default_rng(5)
+        opt = optim.sparse_adamw(lambda c: 0.1 / (1.0 + c), weight_decay=0.05)
+        emb, slots = random_state(rng, opt)
+        rows, grads, mask = random_step(rng)
+        for kw in (dict(lr_step=jnp.int32(9)), dict(lr=jnp.float32(0.003))):
+            want = opt.apply(emb, slots, rows, grads, mask, jnp.int32(3), impl="reference", **kw)
+            got = opt.apply(emb, slots, rows, grads, mask, jnp.int32(3), impl=impl, **kw)
+            assert_close(got, want)
+
+    def test_wide_rows_and_single_lane(self, impl):
+        rng = np.random.default_rng(6)
+        opt = optim.make("adagrad", **CASES["adagrad"])
+        emb, slots = random_state(rng, opt, dim=128)
+        rows, grads, mask = random_step(rng, dim=128)
+        want = opt.apply(emb, slots, rows[:1], grads[:1], mask[:1] | True, jnp.int32(1), impl="reference")
+        got = opt.apply(emb, slots, rows[:1], grads[:1], mask[:1] | True, jnp.int32(1), impl=impl)
+        assert_close(got, want)
+
+
+def test_non_pow2_dim_and_empty_fall_back():
+    rng = np.random.default_rng(7)
+    opt = optim.make("adam", **CASES["adam"])
+    emb, slots = random_state(rng, opt, dim=3)
+    rows, grads, mask = random_step(rng, dim=3)
+    want = opt.apply(emb, slots, rows, grads, mask, jnp.int32(1), impl="reference")
+    got = opt.apply(emb, slots, rows, grads, mask, jnp.int32(1), impl="interpret")
+    jax.tree.map(np.testing.assert_array_equal, got, want)  # the same XLA code
+    got = opt.apply(emb, slots, rows[:0], grads[:0], mask[:0], jnp.int32(1), impl="interpret")
+    jax.tree.map(np.testing.assert_array_equal, got, (emb, slots))
+
+
+def test_dispatch_default_is_reference_on_cpu(monkeypatch):
+    if ON_GPU:
+        pytest.skip("CPU-only check")
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.resolve(None) == "reference"
+    with pytest.raises(ValueError, match="needs a GPU"):
+        su.sparse_update(lambda p, s, g, lr, t: (p, s), jnp.zeros((4, 2)), {}, jnp.zeros(1, jnp.int32),
+                         jnp.zeros((1, 2)), jnp.ones(1, bool), 0.1, 1, impl="pallas")
+
+
+def test_default_config():
+    for d in (1, 16, 64, 128, 4096):
+        c = su.default_config(d)
+        assert c.lanes >= 1 and c.lanes & (c.lanes - 1) == 0
