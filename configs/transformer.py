@@ -1,12 +1,8 @@
 """Sequence Transformer (pre-LN, causal) for next-item prediction / generative ranking.
 
-    recis-jax train --config configs/transformer.py --workdir /tmp/tr              (benchmark shape)
-    recis-jax train --config configs/transformer.py:gr50m --workdir /tmp/gr50m    (~50M dense params)
-    recis-jax train --config configs/transformer.py:smoke --workdir /tmp/tr       (CPU, seconds)
-
-(`recis-jax train` arrives with the trainer; `recis_jax.models.from_config(
-get_config(arg).model)` builds the model. The step time / MFU of the default shape is
-measured by `benchmarks/models.py`.)
+The dense Transformer shapes that `benchmarks/models.py` measures (step time, MFU):
+`recis_jax.models.from_config(get_config(arg).model)` builds the model. To *train* a
+long-sequence model end to end use configs/seq_transformer.py (`recis-jax train`).
 
 Variants:
   default  8 layers, hidden 1024, 16 heads, FFN 4096 (100.7M params in the blocks),

@@ -390,7 +390,7 @@ def is_checkpoint_path(path: str) -> bool:
     """A checkpoint dir, a checkpoint root (holding step_<N> dirs) or an export dir."""
     if not os.path.isdir(path):
         return False
-    if os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, "export.json")):
+    if any(os.path.isfile(os.path.join(path, f)) for f in (MANIFEST, "export.json", "serving.json")):
         return True
     return any(_STEP_RE.match(n) or n.startswith("export_") for n in os.listdir(path))
 
@@ -402,6 +402,12 @@ def describe(path: str) -> str:
         path = os.path.dirname(path) or "."
     if os.path.isfile(os.path.join(path, MANIFEST)):
         return describe_checkpoint(path)
+    serving = os.path.join(path, "serving.json")  # a `recis-jax export` serving export
+    if os.path.isfile(serving):
+        with open(serving) as f:
+            m = json.load(f)
+        return "\n".join([f"serving export {path}: step {m.get('step')}, config hash {m.get('config_hash')}"]
+                         + _table_lines(m.get("tables", {})))
     from recis_jax.checkpoint import incremental
 
     if os.path.isfile(os.path.join(path, incremental.EXPORT_JSON)):

@@ -185,7 +185,7 @@ class EmbeddingEngine:
             key = opt.shared_name or name
             if key in logical and logical[key].merge_key() != opt.merge_key():
                 raise ValueError(f"feature {name!r} shares table {key!r} but its dim/dtype/initializer/"
-                                 f"trainable/admission differ from the table's: {opt} vs {logical[key]}")
+                                 f"trainable/admission/eviction differ from the table's: {opt} vs {logical[key]}")
             logical.setdefault(key, opt)
         groups: dict[tuple, list[str]] = {}
         for key, opt in logical.items():

@@ -117,8 +117,9 @@ def gauc(labels, preds, groups, weights=None) -> tuple[float, int]:
     return float(np.sum(size * group_auc) / np.sum(size)), int(used.sum())
 
 
-def logloss(labels, preds, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy of probabilities `preds` [n], clipped to [eps, 1 - eps].
+def logloss(labels, preds, eps: float = 1e-7, weights=None) -> float:
+    """Mean binary cross-entropy of probabilities `preds` [n], clipped to [eps, 1 - eps]
+    (weighted mean with `weights` [n]).
 
     The clip keeps one confidently wrong prediction finite (the streaming metric works
     from logits instead and needs no clip, so the two differ for |logit| > ~16). NaN for
@@ -130,14 +131,17 @@ def logloss(labels, preds, eps: float = 1e-7) -> float:
         raise ValueError(f"labels {y.shape} and preds {p.shape} differ in shape")
     if len(y) == 0:
         return float("nan")
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+    w = np.ones_like(y) if weights is None else np.asarray(weights, np.float64).ravel()
+    return float(-np.sum(w * (y * np.log(p) + (1.0 - y) * np.log1p(-p))) / np.sum(w))
 
 
-def calibration(labels, preds) -> float:
-    """Mean prediction / mean label (1 is calibrated); NaN when the mean label is 0."""
+def calibration(labels, preds, weights=None) -> float:
+    """Mean prediction / mean label (1 is calibrated; weighted with `weights` [n]); NaN
+    when the mean label is 0."""
     y = np.asarray(labels, np.float64).ravel()
     p = np.asarray(preds, np.float64).ravel()
     if y.shape != p.shape:
         raise ValueError(f"labels {y.shape} and preds {p.shape} differ in shape")
-    label_sum = y.sum()
-    return float(p.sum() / label_sum) if label_sum != 0 else float("nan")
+    w = np.ones_like(y) if weights is None else np.asarray(weights, np.float64).ravel()
+    label_sum = np.sum(w * y)
+    return float(np.sum(w * p) / label_sum) if label_sum != 0 else float("nan")

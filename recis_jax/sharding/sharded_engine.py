@@ -43,8 +43,9 @@ global host batch into n row blocks with one static capacity, `mesh.put` places 
 `jax.distributed`; see tests/mp_worker.py).
 
 Not yet: admission and eviction on sharded tables (rejected at construction), growing a
-sharded table after an overflow (the host side of `capacity.grow`), checkpoint
-resharding, and ZeRO for the dense side.
+sharded table after an overflow (the host side of `capacity.grow`), and ZeRO for the
+dense side. Checkpoints reshard on load (recis_jax/checkpoint); the trainer over this
+engine is recis_jax/train/sharded.py.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ An export directory holds what inference needs and nothing else:
   dense.safetensors  the model params, one tensor per leaf ("Dense_0/kernel", ...)
   sparse/            the live embedding rows (safetensors, ids + rows; no optimizer
                      slots), in the checkpoint format (recis_jax.checkpoint.sparse)
-  export.json        step, config hash, the sparse manifest part and sha256 of every file
+  serving.json       step, config hash, the sparse manifest part and sha256 of every file
 It is written into a temporary directory and renamed, like a checkpoint. `predict`
 verifies the checksums, rebuilds the tables (IDs never seen in training read zeros, as in
 evaluation) and scores the files in order.
@@ -35,6 +35,7 @@ from recis_jax.train import recipes
 from recis_jax.train.main import config_hash, load_config, make_trainer
 
 DENSE_FILE = "dense.safetensors"
+SERVING_MANIFEST = "serving.json"
 
 
 def _flat(params) -> dict[str, np.ndarray]:
@@ -67,7 +68,7 @@ def export(cfg, workdir: str, out: str, step: int | None = None) -> dict:
         files = {name: sha256_file(os.path.join(tmp, name)) for name in ("config.json", DENSE_FILE)}
         manifest = {"format": "recis-jax-export/1", "step": step, "config_hash": config_hash(cfg),
                     "files": files, "tables": sparse}
-        write_json(os.path.join(tmp, "export.json"), manifest)
+        write_json(os.path.join(tmp, SERVING_MANIFEST), manifest)
         fsync_tree(tmp)
         if os.path.exists(out):
             shutil.rmtree(out)
@@ -82,7 +83,7 @@ class Predictor:
     """A loaded export: `predict(reader) -> float32 [N, T]` probabilities."""
 
     def __init__(self, directory: str):
-        path = os.path.join(directory, "export.json")
+        path = os.path.join(directory, SERVING_MANIFEST)
         try:
             with open(path) as f:
                 self.manifest = json.load(f)
@@ -91,7 +92,7 @@ class Predictor:
         for name, digest in self.manifest.get("files", {}).items():
             fpath = os.path.join(directory, name)
             if os.path.basename(name) != name or not os.path.isfile(fpath) or sha256_file(fpath) != digest:
-                raise CheckpointError(f"{fpath}: missing or sha256 mismatch with export.json")
+                raise CheckpointError(f"{fpath}: missing or sha256 mismatch with serving.json")
         with open(os.path.join(directory, "config.json")) as f:
             self.cfg = ml_collections.ConfigDict(json.load(f))
         self.recipe = recipes.build(self.cfg)

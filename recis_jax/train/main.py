@@ -83,13 +83,25 @@ def data_paths(cfg, workdir: str) -> tuple[Any, Any, dict]:
               num_dense=cfg.features.num_dense, num_sparse=cfg.features.num_categorical,
               vocab_size=g.vocab_size, zipf_a=g.zipf_a, multi_hot=tuple(g.get("multi_hot", (1, 1))),
               seq_len=cfg.features.get("seq_len", 0))
-    out = {}
-    for split, files, seed in (("train", g.num_files, g.seed), ("eval", g.eval_files, g.seed + 1000)):
-        path = os.path.join(workdir, "data", split)
-        want = dict(kw, num_files=files, seed=seed)
-        if _generated_args(path, want) != want:  # absent, or made by another config
-            synthetic.generate(path, num_files=files, seed=seed, overwrite=True, **kw)
-        out[split] = path
+    splits = {"train": (g.num_files, g.seed), "eval": (g.eval_files, g.seed + 1000)}
+    out = {split: os.path.join(workdir, "data", split) for split in splits}
+
+    def generate_missing():
+        for split, (files, seed) in splits.items():
+            want = dict(kw, num_files=files, seed=seed)
+            if _generated_args(out[split], want) != want:  # absent, or made by another config
+                synthetic.generate(out[split], num_files=files, seed=seed, overwrite=True, **kw)
+
+    if jax.process_count() > 1:  # a shared workdir gets one writer; separate disks, one each
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            generate_missing()
+        multihost_utils.sync_global_devices("recis-jax generated data")
+        if jax.process_index() != 0:
+            generate_missing()
+    else:
+        generate_missing()
     with open(os.path.join(out["eval"], "meta.json")) as f:
         meta = json.load(f)
     return out["train"], out["eval"], meta

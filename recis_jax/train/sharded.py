@@ -236,7 +236,7 @@ class ShardedTrainer(Trainer):
             raise TrainingError(
                 f"step {int(self.state.step)}: sharded table(s) {', '.join(repr(p) for p in full)} ran out of rows "
                 f"or probes ({self.sharded.rows_per_shard} rows per shard); nothing was written. Sharded tables do "
-                f"not grow yet: restart from the last checkpoint with more rows (embedding.num_rows) or more devices")
+                f"not grow yet: restart from the last checkpoint with more rows per shard (embedding.rows_per_shard) or more devices")
         caps = dict(self.sharded._bucket_capacity) if isinstance(self.sharded._bucket_capacity, dict) else {}
         for p, t in m["tables"].items():
             if t["bucket_overflow"]:

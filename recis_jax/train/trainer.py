@@ -11,7 +11,9 @@ the current one runs. It
   * keeps table headroom: a host-side upper bound of each table's live rows (+ the
     batch's lanes per step) triggers `capacity.ensure_headroom` (one sync) before a
     table can run out, so inserts practically never overflow; if one does (the step
-    changed nothing), the table grows and that batch is rerun right away;
+    changed nothing), the tables grow and that batch is rerun as soon as the host sees
+    it - one step later, since the host looks one step behind (a deterministic order:
+    a rerun of the same run overflows at the same step);
   * stops on a non-finite loss or gradient with a TrainingError naming the step and
     the tables, before any checkpoint could store it;
   * logs every `log_every` steps (progress line, workdir/metrics.jsonl, TensorBoard
@@ -298,6 +300,7 @@ class Trainer:
         summary dict (also written to workdir/summary.json)."""
         t_start = time.perf_counter()
         self._init_from(reader)
+        self._examples_at_start = self._examples
         same = self.meta.get("window") == window
         done = (same and self.meta.get("finished")) or (num_steps is not None and int(self.state.step) >= num_steps)
         start = ReaderState.from_dict(self.meta["reader"]) if (same and self.meta.get("reader")) else None
@@ -397,8 +400,8 @@ class Trainer:
             sfx = "" if t == 0 else f"/{name}"
             y, p, wt = labels[keep, t], preds[keep, t], w[keep]
             res["auc" + sfx] = exact_metrics.auc(y, p, wt)
-            res["logloss" + sfx] = exact_metrics.logloss(y, p)
-            res["calibration" + sfx] = exact_metrics.calibration(y, p)
+            res["logloss" + sfx] = exact_metrics.logloss(y, p, weights=wt)
+            res["calibration" + sfx] = exact_metrics.calibration(y, p, weights=wt)
             res["auc_hist" + sfx] = hist.get("auc" if t == 0 else f"auc/{t}")
             if self.task.group is not None:
                 g = np.concatenate([o["group"] for o in outs])[keep]
@@ -449,7 +452,7 @@ class Trainer:
             "steps": int(self.state.step) if self.state is not None else 0,
             "examples": self._examples,
             "wall_seconds": wall,
-            "samples_per_sec": self._examples / max(wall, 1e-9),
+            "samples_per_sec": (self._examples - getattr(self, "_examples_at_start", 0)) / max(wall, 1e-9),
             "table_sizes": self.table_sizes() if self.state is not None else {},
             "counts": dict(self._counts),
             "device": str(jax.devices()[0]),
