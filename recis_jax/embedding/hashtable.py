@@ -25,6 +25,17 @@ placement is deterministic. Row ids come from the free stack in lane
 order. If the rows or the probes run out, *nothing* is written (claimed slots are
 never written) and the call reports overflow; the host grows the index (`rebuild_index`) or
 evicts, then reruns the step.
+
+On a GPU, `find`, the index insert of `find_or_insert` and `rebuild_index` run the
+Pallas-Triton kernels of `pallas_kernels.hashtable` instead (dispatch: RECIS_KERNELS =
+auto | reference | pallas | interpret; the code above is their reference). Same arrays,
+hash and probing, so states are interchangeable. One difference: the kernel claims slots
+with atomics, so *which slot* a new key gets (slot_*, row_slot) can vary between GPU runs;
+row ids are still allocated in lane order outside the kernel, so rows, embedding values
+and every lookup result are identical. Near max_probes the two paths can disagree about
+probe overflow (placement-dependent); either way nothing is written on overflow. The
+kernel keeps a claim bit in the sign of slot_rows during a call: row ids must stay in
+[0, 2^31), which they are.
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import dispatch
+from pallas_kernels import hashtable as ph
 from recis_jax.embedding.initializers import Initializer, initial_rows
 
 EMPTY, LIVE, TOMBSTONE = 0, 1, 2
@@ -171,7 +184,21 @@ class FindResult(NamedTuple):
 
 def find(state: HashTableState, tables: jax.Array, keys: jax.Array, valid: jax.Array,
          max_probes: int = 128) -> FindResult:
-    """Read-only lookup of (tables [N] int32, keys [N] int64) where valid [N]."""
+    """Read-only lookup of (tables [N] int32, keys [N] int64) where valid [N].
+
+    Dispatches (pallas_kernels.dispatch, env RECIS_KERNELS): the Pallas-Triton probe
+    kernel of pallas_kernels.hashtable on GPU, `_find_xla` elsewhere."""
+    which = dispatch.resolve()
+    if which == "reference":
+        return _find_xla(state, tables, keys, valid, max_probes)
+    r = ph.find_pallas(ph.Index.of(state), tables, keys, valid, max_probes=max_probes,
+                       interpret=(which == "interpret"))
+    return FindResult(r.rows, r.found, r.slot)
+
+
+def _find_xla(state, tables: jax.Array, keys: jax.Array, valid: jax.Array, max_probes: int = 128) -> FindResult:
+    """The XLA find (the reference of the kernel): a vectorised while_loop over the lanes.
+    `state`: a HashTableState or pallas_kernels.hashtable.Index."""
     s = state.num_slots
     pos0 = home_slot(tables, keys, s)
     n = keys.shape[0]
@@ -237,14 +264,18 @@ def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array
     rank = jnp.cumsum(need, dtype=jnp.int32) - 1
     new_rows = state.free_rows[jnp.clip(state.num_free - 1 - rank, 0, state.capacity - 1)]
 
-    placed, tomb, probe_overflow = _claim_slots(state, tables, keys, need, config.max_probes)
-    overflow = rows_overflow | probe_overflow
-    if agree is not None:
-        overflow = agree(overflow)
+    def decide(probe_overflow):
+        overflow = rows_overflow | probe_overflow
+        return agree(overflow) if agree is not None else overflow
+
+    # Index insert (dispatched: XLA rounds, or the Pallas claim kernel on GPU, which may
+    # place keys in other slots; rows, values and lookups are the same either way).
+    ins = ph.insert(ph.Index.of(state), tables, keys, new_rows, need, max_probes=config.max_probes,
+                    decide=decide)
+    placed, tomb, overflow = ins.placed, ins.was_tombstone, ins.overflow
     ok = need & ~overflow  # on overflow nothing below writes: the state comes back unchanged
     reused_tombstones = jnp.sum(ok & tomb, dtype=jnp.int32)
-    state = state._replace(**_write_slots(state, ok, placed, tables, keys, new_rows),
-                           num_tombstones=state.num_tombstones - reused_tombstones)
+    state = state._replace(**ins.index._asdict(), num_tombstones=state.num_tombstones - reused_tombstones)
 
     # Row writes: new rows only, out-of-range target for masked lanes (dropped).
     r = state.capacity
@@ -388,10 +419,13 @@ def rebuild_index(state: HashTableState, num_slots: int, max_probes: int = 128) 
         slot_rows=jnp.zeros(s, jnp.int32), slot_state=jnp.zeros(s, jnp.int8),
         num_tombstones=jnp.asarray(0, jnp.int32))
     rows = jnp.arange(state.capacity, dtype=jnp.int32)
-    placed, _, overflow = _claim_slots(fresh, state.row_tables, state.row_keys, state.row_live, max_probes)
-    index = _write_slots(fresh, state.row_live, placed, state.row_tables, state.row_keys, rows)
-    out = fresh._replace(**index, row_slot=jnp.where(state.row_live, placed, state.row_slot))
-    return out, overflow
+    # Dispatched like find_or_insert. On overflow the XLA path still writes the placed
+    # keys, the kernel path leaves the fresh index empty: either way the caller retries.
+    ins = ph.insert(ph.Index.of(fresh), state.row_tables, state.row_keys, rows, state.row_live,
+                    max_probes=max_probes, decide=lambda po: jnp.asarray(False))
+    out = fresh._replace(**ins.index._asdict(), row_slot=jnp.where(state.row_live, ins.placed, state.row_slot))
+    placed_all = jnp.sum(state.row_live & (ins.placed < 0), dtype=jnp.int32) == 0
+    return out, ~placed_all
 
 
 def export(state: HashTableState) -> dict[str, np.ndarray]:
