@@ -360,8 +360,17 @@ def segment_gather_sum_pallas(src, splits, idx=None, weights=None, *, mean: bool
     splits = jnp.clip(splits.astype(jnp.int32), 0, c)
     idx = None if idx is None else jnp.asarray(idx).astype(jnp.int32)
     weights = None if weights is None else jnp.asarray(weights).astype(jnp.float32)
-    return _segment_gather_sum_pallas(src, splits, idx, weights, mean=mean, config=cfg,
-                                      interpret=interpret)
+    if mean:
+        # The kernel's own `mean` gave wrong results compiled on the H100 (with item
+        # indices and weights; interpret mode passes), so a mean is two sum passes: the
+        # weighted rows, and the weights themselves as a [R, 1] source of ones.
+        total = _segment_gather_sum_pallas(src, splits, idx, weights, mean=False, config=cfg, interpret=interpret)
+        ones = jnp.ones((src.shape[0], 1), src.dtype)
+        den = _segment_gather_sum_pallas(ones, splits, idx, weights, mean=False, config=default_config(1, c / s),
+                                         interpret=interpret)[:, 0].astype(jnp.float32)
+        out = jnp.where(den[:, None] != 0, total.astype(jnp.float32) / jnp.where(den == 0, 1, den)[:, None], 0)
+        return out.astype(src.dtype)
+    return _segment_gather_sum_pallas(src, splits, idx, weights, mean=False, config=cfg, interpret=interpret)
 
 
 def segment_gather_sum(src: jax.Array, splits: jax.Array, idx: jax.Array | None = None,
