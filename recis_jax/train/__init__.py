@@ -6,5 +6,7 @@
 from recis_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
 from recis_jax.train.task import Task
 from recis_jax.train.trainer import Trainer, TrainingError
+from recis_jax.train.sharded import ShardedTrainer
 
-__all__ = ["Task", "TrainState", "Trainer", "TrainingError", "init_state", "make_eval_step", "make_train_step"]
+__all__ = ["ShardedTrainer", "Task", "TrainState", "Trainer", "TrainingError", "init_state", "make_eval_step",
+           "make_train_step"]
