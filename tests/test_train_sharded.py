@@ -82,25 +82,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cli_two_processes(tmp_path):
+def _two_processes(workdir, extra):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_NUM_CPU_DEVICES="2", PYTHONPATH=str(ROOT))
-    # Both processes generate the same dataset first (same workdir, process 0 only would race).
-    data_cfg = small_config()
-    train_main.data_paths(data_cfg, str(tmp_path / "p0"))
-    train_main.data_paths(data_cfg, str(tmp_path / "p1"))
     procs = [subprocess.Popen(
         [sys.executable, "-m", "recis_jax.cli", "train", "--config", "configs/deepfm.py:smoke",
-         "--workdir", str(tmp_path / f"p{i}"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-         "--process-id", str(i)] + SMALL + ["--config.train.checkpoint_every=0"],
+         "--workdir", str(workdir), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i)] + SMALL + extra,
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n\n".join(o[-3000:] for o in outs)
-    s = json.load(open(tmp_path / "p0" / "summary.json"))
-    assert not (tmp_path / "p1" / "summary.json").exists()          # process 0 writes
+    return outs
+
+
+def test_cli_two_processes_checkpoint_and_resume(tmp_path):
+    """2 processes x 2 CPU devices (jax.distributed over gloo), one shared workdir: they
+    train, agree on metrics, write one checkpoint together; it loads on 1 device with the
+    same evaluation, and the 2 processes resume from it."""
+    work = tmp_path / "work"
+    outs = _two_processes(work, [])
+    s = json.load(open(work / "summary.json"))
     # Each process reads one of the 2 train files: 10 global steps of 2 x 64 rows.
     assert s["steps"] == 10 and s["eval"]["count"] == 600
-    for o in outs:  # both print the same all-reduced eval line
-        assert [x for x in o.splitlines() if x.startswith("eval AUC")] == \
-            [x for x in outs[0].splitlines() if x.startswith("eval AUC")]
+    evals = [[x for x in o.splitlines() if x.startswith("eval AUC")] for o in outs]
+    assert evals[0] and evals[0] == evals[1]  # all-reduced: the same line on both
+
+    cfg = small_config()
+    recipe = recipes.build(cfg)
+    one = train_main.make_trainer(cfg, str(work), recipe)   # 1 device, restores the checkpoint
+    _, ev, _ = train_main.data_paths(cfg, str(work))
+    _, evr = train_main.make_readers(cfg, recipe, ev, ev)
+    one._init_from(evr)
+    assert int(one.state.step) == 10 and len(one.meta["reader"]) == 2
+    assert one.table_sizes() == s["table_sizes"]
+    res = one.evaluate(evr)
+    for k in ("auc", "logloss"):
+        assert abs(res[k] - s["eval"][k]) < 1e-5, (k, res[k], s["eval"][k])
+
+    _two_processes(work, ["--config.train.num_epochs=2"])  # resumes at step 10, reads epoch 2
+    assert json.load(open(work / "summary.json"))["steps"] == 20

@@ -195,7 +195,7 @@ class CheckpointManager:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         step = int(step)
         if jax.process_count() > 1:
-            raise CheckpointError("multi-process checkpointing is not supported yet")
+            return self._save_multiprocess(step, tables, engine, dense, meta, config_hash)
         meta = dict(meta or {})
         try:
             json.dumps(meta, default=json_default)
@@ -235,6 +235,58 @@ class CheckpointManager:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._retain(step)
+        return final
+
+    def _save_multiprocess(self, step, tables, engine, dense, meta, config_hash) -> str:
+        """`save` in a `jax.distributed` run (ROOT on a filesystem every process sees).
+
+        Every process writes the sparse files of the table shards it holds and a small
+        JSON of them into one temporary directory; orbax writes the dense state (all
+        processes take part); then process 0 merges the parts into the manifest and
+        renames the directory, as in a single-process save. Barriers keep the steps in
+        order; a crash anywhere leaves the previous checkpoint the latest."""
+        from jax.experimental import multihost_utils
+
+        me = jax.process_index()
+        tmp = os.path.join(self.root, f"{TMP_PREFIX}{step_dir_name(step)}.multiprocess")
+        if me == 0:
+            self._clean_tmp()
+            os.mkdir(tmp)
+            os.mkdir(os.path.join(tmp, "parts"))
+        multihost_utils.sync_global_devices(f"recis-jax checkpoint {step}: begin")
+        part = save_sparse(tmp, tables, engine, rows_per_file=self.rows_per_file, threads=self.threads,
+                           local_only=True)
+        write_json(os.path.join(tmp, "parts", f"process-{me:05d}.json"), part)
+        ddir = os.path.join(tmp, DENSE_DIR)
+        if dense is not None:
+            try:
+                _dense_checkpointer().save(ddir, args=_standard_save(dense))
+            except Exception as e:
+                raise CheckpointError(f"{ddir}: saving the dense state with orbax failed: {e}") from e
+        multihost_utils.sync_global_devices(f"recis-jax checkpoint {step}: written")
+        final = self.step_dir(step)
+        if me == 0:
+            table_part = _merge_parts([json.load(open(os.path.join(tmp, "parts", f)))
+                                       for f in sorted(os.listdir(os.path.join(tmp, "parts")))])
+            dense_part = None
+            if dense is not None:
+                fsync_tree(ddir)
+                dense_part = {"path": DENSE_DIR, "files": [
+                    {"path": f"{DENSE_DIR}/{rel}", "sha256": sha256_file(os.path.join(ddir, rel)),
+                     "bytes": os.path.getsize(os.path.join(ddir, rel))} for rel in _list_files(ddir)]}
+            manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "created": time.time(),
+                        "config_hash": config_hash, "tables": table_part, "dense": dense_part,
+                        "meta": dict(meta or {}, processes=jax.process_count())}
+            shutil.rmtree(os.path.join(tmp, "parts"))
+            fsync_tree(tmp)
+            write_json(os.path.join(tmp, MANIFEST), manifest)
+            fsync_dir(tmp)
+            if os.path.lexists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(self.root)
+            self._retain(step)
+        multihost_utils.sync_global_devices(f"recis-jax checkpoint {step}: done")
         return final
 
     def _clean_tmp(self) -> None:
@@ -302,6 +354,23 @@ class CheckpointManager:
         out = load_sparse(d, manifest, engine, optimizer, tables=tables, sharded=sharded, threads=self.threads,
                           **load_kwargs)
         return Restored(step, out, dense, manifest.get("meta") or {}, manifest)
+
+
+def _merge_parts(parts: list[dict]) -> dict:
+    """The manifest's tables part from every process's part (each lists its own shards'
+    files): rows add up, files are ordered by shard."""
+    out: dict[str, dict] = {}
+    for part in parts:
+        for name, e in part.items():
+            if name not in out:
+                out[name] = dict(e, rows=0, files=[])
+            m = out[name]
+            m["rows"] += e["rows"]
+            m["files"] += e["files"]
+            m["optimizer_step"] = max(m["optimizer_step"], e["optimizer_step"])
+    for m in out.values():
+        m["files"].sort(key=lambda f: (f.get("shard") or 0, f["path"]))
+    return out
 
 
 def _standard_save(tree):

@@ -179,8 +179,9 @@ def is_sharded_state(ts: TableState) -> bool:
     return ts.table.row_live.ndim == 2
 
 
-def _host_shards(ts: TableState, slots: bool = True) -> list[tuple[int | None, dict]]:
-    """[(shard or None, {leaf: numpy})] of the leaves a save needs, per shard."""
+def _host_shards(ts: TableState, slots: bool = True, local_only: bool = False) -> list[tuple[int | None, dict]]:
+    """[(shard or None, {leaf: numpy})] of the leaves a save needs, per shard (only the
+    shards this process holds with `local_only`, for multi-process saves)."""
     t = ts.table
     leaves = {"live": t.row_live, "ids": t.row_keys, "tables": t.row_tables, "embedding": t.embedding,
               "last_seen": t.last_seen, "count": t.count}
@@ -194,10 +195,10 @@ def _host_shards(ts: TableState, slots: bool = True) -> list[tuple[int | None, d
         for s in v.addressable_shards:
             for i, row in zip(range(*s.index[0].indices(n)), np.asarray(s.data)):
                 per.setdefault(i, {})[k] = row
-    if sorted(per) != list(range(n)):
+    if not local_only and sorted(per) != list(range(n)):
         raise CheckpointError(f"this process holds shards {sorted(per)} of {n}: multi-process sparse saves are "
                               f"not supported yet (gather the table to one process first)")
-    return [(i, per[i]) for i in range(n)]
+    return [(i, per[i]) for i in sorted(per)]
 
 
 def live_rows(h: dict) -> dict:
@@ -208,10 +209,10 @@ def live_rows(h: dict) -> dict:
     return {k: v[idx] for k, v in h.items() if k != "live"}
 
 
-def table_rows(ts: TableState, slots: bool = True) -> list[tuple[int | None, dict]]:
+def table_rows(ts: TableState, slots: bool = True, local_only: bool = False) -> list[tuple[int | None, dict]]:
     """[(shard or None, live rows sorted by (table, id))] for a plain or stacked table:
     ids, tables, embedding, last_seen, count and (slots=True) slot.<name>."""
-    return [(s, live_rows(h)) for s, h in _host_shards(ts, slots)]
+    return [(s, live_rows(h)) for s, h in _host_shards(ts, slots, local_only)]
 
 
 def _compact(a: np.ndarray):
@@ -249,7 +250,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
 # -- save --------------------------------------------------------------------------------
 
 def save_sparse(directory: str, tables: dict[str, TableState], engine, *, rows_per_file: int = 1 << 20,
-                threads: int = 8) -> dict:
+                threads: int = 8, local_only: bool = False) -> dict:
     """Writes every table's live rows under `directory/sparse/` and returns the
     manifest's `tables` part ({name: entry}; see the module docstring).
 
@@ -273,8 +274,10 @@ def save_sparse(directory: str, tables: dict[str, TableState], engine, *, rows_p
             tdir = f"sparse/{dirs[name]}"
             os.makedirs(os.path.join(directory, tdir), exist_ok=True)
             t = ts.table
-            slot_defaults = {k: np.asarray(v)[0] if sharded else np.asarray(v) for k, v in t.slot_defaults.items()}
-            steps = np.asarray(t.step).reshape(-1)
+            slot_defaults = {k: np.asarray(v.addressable_shards[0].data)[0] if sharded else np.asarray(v)
+                             for k, v in t.slot_defaults.items()}
+            steps = np.concatenate([np.asarray(sh.data).reshape(-1) for sh in t.step.addressable_shards]) \
+                if sharded else np.asarray(t.step).reshape(-1)
             entry = {
                 "dim": cfg.dim, "dtype": cfg.dtype,
                 "rows": 0, "optimizer_step": int(steps.max()),
@@ -289,7 +292,7 @@ def save_sparse(directory: str, tables: dict[str, TableState], engine, *, rows_p
             entries[name] = entry
             meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "table": name, "dim": str(cfg.dim),
                     "embedding_dtype": cfg.dtype}
-            for shard, rows in table_rows(ts):
+            for shard, rows in table_rows(ts, local_only=local_only):
                 n_rows = len(rows["ids"])
                 entry["rows"] += n_rows
                 for part, lo in enumerate(range(0, n_rows, rows_per_file)):
@@ -653,8 +656,12 @@ def owner_of_host(tables: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
 
 
 def _put(sharded, x):
+    """Host [n, ...] arrays -> global arrays sharded over the mesh; each process
+    places the shards of its own devices (every process built the same x)."""
     from recis_jax.sharding.mesh import AXIS
-    return jax.device_put(x, NamedSharding(sharded.mesh, P(AXIS)))
+    sharding = NamedSharding(sharded.mesh, P(AXIS))
+    return jax.tree_util.tree_map(
+        lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda idx, a=a: np.asarray(a)[idx]), x)
 
 
 def _sketch(directory, name, entry, eng):

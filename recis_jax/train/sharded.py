@@ -206,8 +206,13 @@ class ShardedTrainer(Trainer):
         rep = NamedSharding(self.mesh, P())
         params = jax.device_put(params, rep)
         opt_state = jax.device_put(self.dense_tx.init(params), rep)
-        stats = jax.device_put(streaming.init(self.task.num_tasks), rep)
+        stats = self._fresh_stats()
         return TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params, opt_state, tables, stats)
+
+    def _fresh_stats(self):
+        """Replicated over the mesh: in a multi-process run a host-local array could be
+        neither an input of the step nor checkpointed by orbax."""
+        return jax.device_put(streaming.init(self.task.num_tasks), NamedSharding(self.mesh, P()))
 
     def _restore_kwargs(self) -> dict:
         return {"sharded": self.sharded}

@@ -114,13 +114,10 @@ class Trainer:
         self.progress = progress or ProgressLogger()
         self._train_step = make_train_step(task, engine, features, dense_tx, sparse_opt, accum_steps)
         self._eval_step = make_eval_step(task, engine, features)
-        # Multi-process runs would each see only their own checkpoints' table shards.
+        # Multi-process runs: every process writes its own table shards into one checkpoint
+        # (the workdir must be on a filesystem all processes see); metrics come from process 0.
         self.checkpoints = (CheckpointManager(os.path.join(workdir, "checkpoints"), keep_last=keep_last,
-                                              keep_every=keep_every) if workdir and jax.process_count() == 1
-                            else None)
-        if workdir and jax.process_count() > 1:
-            self.progress.message("multi-process run: checkpoints are not written yet (each process holds only "
-                                  "its own table shards); metrics and summary come from process 0")
+                                              keep_every=keep_every) if workdir else None)
         lead = jax.process_index() == 0
         self.writer = MetricsWriter(workdir, tensorboard) if (workdir and lead) else None
         self.profiler = Profiler(workdir, *profile) if (profile and workdir) else None
@@ -191,7 +188,7 @@ class Trainer:
         if self.checkpoints is None:
             return None
         step = int(self.state.step)
-        self.meta.update(extra_meta, reader=reader.to_dict() if reader is not None else None,
+        self.meta.update(extra_meta, reader=_all_readers(reader),
                          examples=self._examples, counts=dict(self._counts), seed=self.seed)
         return self.checkpoints.save(step, tables=self.state.tables, engine=self._table_engine(),
                                      dense=self._dense(self.state), meta=self.meta,
@@ -295,15 +292,16 @@ class Trainer:
             window: int | None = None) -> dict:
         """Trains on `reader` until it ends or the state reaches `num_steps` updates,
         then evaluates (when given `eval_reader`) and checkpoints. A run restored from a
-        checkpoint continues at the checkpoint's reader position (a finished reader is
-        not read again). `window` tags checkpoints in online learning. Returns the
-        summary dict (also written to workdir/summary.json)."""
+        checkpoint continues at the checkpoint's reader position (a finished reader yields
+        nothing more; one with more epochs than before goes on with the next epoch).
+        `window` tags checkpoints in online learning. Returns the summary dict (also
+        written to workdir/summary.json)."""
         t_start = time.perf_counter()
         self._init_from(reader)
         self._examples_at_start = self._examples
         same = self.meta.get("window") == window
-        done = (same and self.meta.get("finished")) or (num_steps is not None and int(self.state.step) >= num_steps)
-        start = ReaderState.from_dict(self.meta["reader"]) if (same and self.meta.get("reader")) else None
+        done = num_steps is not None and int(self.state.step) >= num_steps
+        start = _my_reader(self.meta.get("reader")) if same else None
         host_step = int(self.state.step)
         timer, pending, last_reader, finished = Timer(), None, start, True
         self.progress.total = num_steps
@@ -344,9 +342,13 @@ class Trainer:
         if timer.steps:
             self._log(timer, host_step)
         eval_result = self.evaluate(eval_reader, log_step=host_step) if eval_reader is not None else {}
-        if not done and self.checkpoints is not None:
-            self.save(None if finished else last_reader, window=window, finished=finished)
+        if self.checkpoints is not None and (timer.steps or self.checkpoints.latest_step() != host_step):
+            self.save(last_reader, window=window, finished=finished)
         return self._summary(eval_result, t_start)
+
+    def _fresh_stats(self) -> streaming.StreamingState:
+        """Zeroed train metrics (placed like the rest of the state)."""
+        return streaming.init(self.task.num_tasks)
 
     def _evict(self, host_step: int) -> None:
         if all(p is None for p in self.engine._eviction.values()):
@@ -362,7 +364,7 @@ class Trainer:
     def _log(self, timer: Timer, step: int) -> None:
         secs, examples, steps = timer.lap()
         res = streaming.result(jax.device_get(self.state.stats))
-        self.state = self.state._replace(stats=streaming.init(self.task.num_tasks))
+        self.state = self.state._replace(stats=self._fresh_stats())
         record = {"kind": "train", "step": step, "loss": res.get("logloss"), "auc": res.get("auc"),
                   "samples_per_sec": examples / max(secs, 1e-9), "steps_per_sec": steps / max(secs, 1e-9),
                   "examples": self._examples, "table_sizes": self.table_sizes(), **self._counts}
@@ -464,3 +466,26 @@ class Trainer:
         if self.workdir and jax.process_index() == 0:
             with open(os.path.join(self.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2, default=float)
+
+
+def _all_readers(reader: ReaderState | None):
+    """The reader position to checkpoint: this process's, or in a multi-process run
+    every process's (each reads its own shard of the files), as a list by process."""
+    if jax.process_count() == 1:
+        return reader.to_dict() if reader is not None else None
+    from jax.experimental import multihost_utils
+
+    mine = np.array([-1, 0, 0, 0] if reader is None else [reader.epoch, reader.unit, reader.row, reader.step],
+                    np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 4)
+    return [None if e[0] < 0 else ReaderState(*(int(v) for v in e)).to_dict() for e in every]
+
+
+def _my_reader(saved) -> ReaderState | None:
+    if isinstance(saved, list):
+        if len(saved) != jax.process_count():
+            raise TrainingError(f"the checkpoint holds reader positions of {len(saved)} processes; this run has "
+                                f"{jax.process_count()} (resume with the same number of processes, or start the "
+                                f"data afresh)")
+        saved = saved[jax.process_index()]
+    return ReaderState.from_dict(saved) if saved else None
