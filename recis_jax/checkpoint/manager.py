@@ -27,8 +27,9 @@ ROOT/step_<N> (zero-padded to 9 digits) and ROOT is fsynced. A crash at any poin
 either no step_<N> or a complete one; earlier checkpoints are never touched by a save
 (retention runs after the rename, and deletes by renaming to a tmp name first). Leftover
 tmp.* directories are ignored by the listing and removed by the next save. A step
-directory without a readable manifest is not a checkpoint. One writer per ROOT, one
-process (multi-process saves raise).
+directory without a readable manifest is not a checkpoint. One writer per ROOT; in a
+`jax.distributed` run every process writes its own table shards into the same
+temporary directory and process 0 writes the manifest (`_save_multiprocess`).
 
 Retention (after each save, from the directory listing, so it survives restarts): keep
 the `keep_last` most recent checkpoints (None: all), plus forever every checkpoint whose

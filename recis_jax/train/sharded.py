@@ -18,8 +18,9 @@ Differences from the one-device Trainer: sharded tables do not grow (size them w
 `rows_per_shard`; an insert overflow stops training with a clear error naming the
 table, nothing written), a bucket overflow doubles that table's bucket capacity and
 reruns the step, and admission / eviction are not available on sharded tables yet.
-Checkpoints (single process) store the live rows by ID, so they load onto any device
-count, sharded or not.
+Checkpoints store the live rows by ID, so they load onto any device count, sharded or
+not; in a multi-process run every process writes its own shards into one checkpoint
+(the workdir must be on a filesystem all processes see).
 """
 
 from __future__ import annotations
