@@ -324,3 +324,22 @@ def test_eval_lookup_finds_only_and_matches_engine():
     assert int(lk.tables[pname].missing) > 0  # the batch does hold unseen IDs
     for f in OPTIONS:
         np.testing.assert_allclose(np.asarray(pooled[f]).reshape(B, -1), ref[f], rtol=1e-5, atol=1e-6)
+
+
+def test_plan_from_the_partition_kernel_equals_plan():
+    """The GPU route (pallas_kernels.ids_partition, here interpreted) buckets lanes
+    exactly as the sort-based `exchange.plan`, overflow and fill included."""
+    from pallas_kernels.ids_partition import ids_partition
+    from recis_jax.sharding import exchange as ex
+    from recis_jax.sharding.mesh import owner_of
+
+    rng = np.random.default_rng(0)
+    for n, cap in ((2, 64), (8, 16), (8, 4), (16, 32)):
+        keys = jnp.asarray(rng.integers(-2**62, 2**62, 300), jnp.int64)
+        tables = jnp.asarray(rng.integers(0, 3, 300), jnp.int32)
+        valid = jnp.asarray(rng.random(300) < 0.9)
+        want = ex.plan(owner_of(tables, keys, n), valid, n, cap)
+        p = ids_partition(tables, keys, valid, n, impl="interpret")
+        got = ex.plan_from_partition(p.owner, p.rank, p.counts, valid, n, cap)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -51,6 +51,16 @@ def plan(owner: jax.Array, valid: jax.Array, num_shards: int, capacity: int) -> 
     return Route(slot, jnp.any(valid & ~fits), jnp.max(fill[:num_shards]))
 
 
+def plan_from_partition(owner: jax.Array, rank: jax.Array, counts: jax.Array, valid: jax.Array,
+                        num_shards: int, capacity: int) -> Route:
+    """`plan` from a precomputed partition (pallas_kernels.ids_partition: owner, each
+    lane's rank inside its owner's group, per-owner counts), the same Route."""
+    lane = jnp.arange(owner.shape[0], dtype=jnp.int32)
+    fits = valid & (rank < capacity)
+    slot = jnp.where(fits, owner * capacity + rank, num_shards * capacity + lane)
+    return Route(slot, jnp.any(valid & ~fits), jnp.max(counts[:num_shards]).astype(jnp.int32))
+
+
 def mask(route: Route, keep: jax.Array, num_shards: int, capacity: int) -> Route:
     """The route with lanes where keep [N] (or a scalar) is False not sent."""
     lane = jnp.arange(route.slot.shape[0], dtype=jnp.int32)

@@ -58,6 +58,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pallas_kernels import dispatch
+from pallas_kernels.ids_partition import ids_partition
 from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.dedup import Unique, sorted_segment_sum, unique_keys
 from recis_jax.embedding.engine import EmbeddingEngine, Lookup, SparseGrad, TableLookup, TableState
@@ -67,6 +69,21 @@ from recis_jax.sharding.mesh import AXIS, local_shards, owner_of, squeeze, unsqu
 
 def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+# The ids-partition kernel (owner hash + counts + ranks in one pass) beat the sort-based
+# `exchange.plan` on an H100 at 8 shards (0.27 ms vs 1.1 ms for 4M IDs) but not at 64
+# (5.0 ms vs 1.6 ms; benchmarks/results/ops_sparse_update_h100.md): used up to this many.
+PARTITION_KERNEL_MAX_SHARDS = 16
+
+
+def _route(u: Unique, n: int, cap: int) -> ex.Route:
+    """This device's unique lanes bucketed by owner (the Pallas partition on GPU for
+    small meshes, else owner hash + sort)."""
+    if n <= PARTITION_KERNEL_MAX_SHARDS and dispatch.resolve() != "reference":
+        p = ids_partition(u.tables.astype(jnp.int32), u.keys, u.valid, n)
+        return ex.plan_from_partition(p.owner, p.rank, p.counts, u.valid, n, cap)
+    return ex.plan(owner_of(u.tables, u.keys, n), u.valid, n, cap)
 
 
 def _any(x: jax.Array) -> jax.Array:
@@ -168,7 +185,7 @@ class ShardedEmbeddingEngine:
             u = unique_keys(t_idx, ids, valid)
             cap = self.bucket_capacity(p, ids.shape[0])
             m = n * cap
-            route = ex.plan(owner_of(u.tables, u.keys, n), u.valid, n, cap)
+            route = _route(u, n, cap)
             bucket_ovf = _any(route.overflow)
             route = ex.mask(route, ~bucket_ovf, n, cap)  # all or nothing: send nothing on overflow
 
