@@ -14,10 +14,11 @@ the weighted mean over all devices' rows, so for the same global batch the step 
 the one-device Trainer up to float summation order; the streaming train metrics and the
 evaluation are all-reduced / gathered over the mesh.
 
-Differences from the one-device Trainer: sharded tables do not grow (size them with
-`rows_per_shard`; an insert overflow stops training with a clear error naming the
-table, nothing written), a bucket overflow doubles that table's bucket capacity and
-reruns the step, and admission / eviction are not available on sharded tables yet.
+Differences from the one-device Trainer: sharded tables grow only after an insert
+overflow (the step wrote nothing; rows per shard double, host-staged, and the batch is
+rerun; in a multi-process run it stops with a clear error instead), a bucket overflow
+doubles that table's bucket capacity and reruns the step, and admission / eviction are
+not available on sharded tables yet.
 Checkpoints store the live rows by ID, so they load onto any device count, sharded or
 not; in a multi-process run every process writes its own shards into one checkpoint
 (the workdir must be on a filesystem all processes see).
@@ -237,19 +238,46 @@ class ShardedTrainer(Trainer):
         return {p: 0 for p in self.engine.physical}
 
     def _grow_after_overflow(self, pending, m: dict) -> None:
+        """An insert overflow doubles the table's rows per shard; a bucket overflow
+        doubles its bucket capacity (the steps re-jit for the new shapes)."""
         full = [p for p, t in m["tables"].items() if t["insert_overflow"]]
         if full:
-            raise TrainingError(
-                f"step {int(self.state.step)}: sharded table(s) {', '.join(repr(p) for p in full)} ran out of rows "
-                f"or probes ({self.sharded.rows_per_shard} rows per shard); nothing was written. Sharded tables do "
-                f"not grow yet: restart from the last checkpoint with more rows per shard (embedding.rows_per_shard) or more devices")
+            self._grow_tables(full)
         caps = dict(self.sharded._bucket_capacity) if isinstance(self.sharded._bucket_capacity, dict) else {}
         for p, t in m["tables"].items():
             if t["bucket_overflow"]:
                 lanes = max(int(t["bucket_fill"]), 1)
                 caps[p] = 1 << (2 * lanes - 1).bit_length()
-        self.sharded._bucket_capacity = caps
-        self._build_steps()
+        if caps:
+            self.sharded._bucket_capacity = caps
+            self._build_steps()
+
+    def _grow_tables(self, names: list[str]) -> None:
+        """Doubles the rows per shard of `names`: their live rows go out in the
+        checkpoint's sparse format and come back into larger slabs, each row on its owner
+        (IDs, values, optimizer slots, last_seen and count carried exactly; row numbers
+        are new, nothing depends on them). Host-staged, through a temporary directory."""
+        import tempfile
+
+        from recis_jax.checkpoint.sparse import load_sparse, save_sparse
+
+        if jax.process_count() > 1:
+            raise TrainingError(
+                f"step {int(self.state.step)}: sharded table(s) {', '.join(repr(p) for p in names)} ran out of rows "
+                f"or probes ({self.sharded.rows_per_shard} rows per shard); nothing was written. Growing sharded "
+                f"tables in a multi-process run is not supported yet: restart from the last checkpoint with more "
+                f"rows per shard (embedding.rows_per_shard)")
+        new_rows = {p: 2 * self.sharded.rows_per_shard[p] for p in names}
+        old = {p: self.state.tables[p] for p in names}
+        with tempfile.TemporaryDirectory(prefix="recis-grow.") as tmp:
+            entries = save_sparse(tmp, old, self.sharded)
+            grown = load_sparse(tmp, {"tables": entries}, self.engine, self.sparse_opt, tables=names,
+                                sharded=self.sharded, num_rows=new_rows)
+        for leaf in jax.tree.leaves(old):  # as after a donated call: the old slabs are gone
+            leaf.delete()
+        self.state = self.state._replace(tables={**self.state.tables, **grown})
+        self.progress.message(f"grew sharded table(s) {', '.join(names)} to "
+                              f"{', '.join(str(self.sharded.rows_per_shard[p]) for p in names)} rows per shard")
 
     def table_sizes(self) -> dict[str, int]:
         local = {p: sum(v.values()) for p, v in self.sharded.shard_sizes(self.state.tables).items()}
