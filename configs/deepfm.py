@@ -46,6 +46,7 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(
         batch_size=1024, num_epochs=1, num_steps=0,     # num_steps 0: until the data ends
         mesh=0,              # > 1: shard tables over that many devices (ShardedTrainer)
+        zero=False,          # with mesh > 1: shard dense params + optimizer state too (ZeRO-3)
         dense_optimizer="adamw", dense_lr=1e-3, weight_decay=0.0, warmup_steps=0,
         sparse_optimizer="adam", sparse_lr=1e-3, sparse_weight_decay=0.0, accum_steps=1,
         log_every=50, eval_every=0, checkpoint_every=100, keep_last=3, keep_every=0,

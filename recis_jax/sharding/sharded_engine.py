@@ -34,17 +34,16 @@ anything for that table (state unchanged), the step's updates are skipped and
 the insert writes anything.
 
 Dense params are replicated (data parallel): the per-device loss is the local mean / n,
-so psum of its gradients is the gradient of the global mean. ZeRO-style sharding of the
-dense optimizer state is not implemented.
+so psum of its gradients is the gradient of the global mean. (The trainer's step,
+recis_jax/train/sharded.py, also offers ZeRO-3 sharding of the dense side.)
 
 Batches: every leaf carries a leading device axis [n, ...]; `mesh.split_features` cuts a
 global host batch into n row blocks with one static capacity, `mesh.put` places them
 (single process), `mesh.put_process_local` places this process's blocks (multi-process,
 `jax.distributed`; see tests/mp_worker.py).
 
-Not yet: admission and eviction on sharded tables (rejected at construction), growing a
-sharded table after an overflow (the host side of `capacity.grow`), and ZeRO for the
-dense side. Checkpoints reshard on load (recis_jax/checkpoint); the trainer over this
+Not yet: admission and eviction on sharded tables (rejected at construction). Growing a
+sharded table after an overflow is the trainer's job (recis_jax/train/sharded.py). Checkpoints reshard on load (recis_jax/checkpoint); the trainer over this
 engine is recis_jax/train/sharded.py.
 """
 

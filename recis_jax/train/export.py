@@ -61,7 +61,7 @@ def export(cfg, workdir: str, out: str, step: int | None = None) -> dict:
     try:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             f.write(cfg.to_json(indent=2))
-        stnp.save_file(_flat(jax.device_get(trainer.state.params)), os.path.join(tmp, DENSE_FILE))
+        stnp.save_file(_flat(jax.device_get(trainer.dense_params())), os.path.join(tmp, DENSE_FILE))
         tables = {p: ts._replace(table=ts.table._replace(slots={}, slot_defaults={}))
                   for p, ts in trainer.state.tables.items()}
         sparse = save_sparse(tmp, tables, recipe.engine)

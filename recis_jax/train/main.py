@@ -141,7 +141,8 @@ def make_trainer(cfg, workdir: str, recipe: recipes.Recipe) -> Trainer:
 
         e = cfg.embedding
         return ShardedTrainer(recipe.task, recipe.engine, recipe.dense_tx, recipe.sparse_opt, mesh=make_mesh(n),
-                              rows_per_shard=e.get("rows_per_shard") or None, **kw)
+                              rows_per_shard=e.get("rows_per_shard") or None, zero=bool(t.get("zero", False)),
+                              **kw)
     return Trainer(recipe.task, recipe.engine, recipe.dense_tx, recipe.sparse_opt,
                    max_rows=cfg.embedding.get("max_rows") or None, **kw)
 

@@ -32,6 +32,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jax.flatten_util import ravel_pytree
+
 from recis_jax.embedding.engine import EmbeddingEngine, TableState
 from recis_jax.metrics import streaming
 from recis_jax.models.losses import sigmoid_bce_with_logits
@@ -54,13 +56,55 @@ def _global_loss(task: Task, logits, labels, weights, wsum):
     return total
 
 
+class ZeroLayout:
+    """ZeRO-3 layout of the dense side: the params as one float32 vector, padded to a
+    multiple of n and sharded over the mesh, so each device stores 1/n of the params and
+    of every optimizer-state vector. The step all-gathers the params, and reduce-scatters
+    the gradients so each device updates its own slice. Checkpoints hold the ordinary
+    (unflattened) trees, so they load with or without ZeRO and on any device count."""
+
+    def __init__(self, params_template, n: int):
+        flat, self._unravel = ravel_pytree(params_template)
+        if flat.dtype != jnp.float32:
+            raise ValueError(f"ZeRO needs float32 params, got {flat.dtype}")
+        self.size = flat.shape[0]
+        self.padded = -(-self.size // n) * n
+
+    def flatten(self, tree) -> jax.Array:
+        flat = ravel_pytree(tree)[0].astype(jnp.float32)
+        return jnp.pad(flat, (0, self.padded - self.size))
+
+    def unflatten(self, flat: jax.Array):
+        return self._unravel(flat[:self.size])
+
+    def is_flat(self, leaf) -> bool:
+        return np.shape(leaf) == (self.padded,)
+
+    def specs(self, opt_state):
+        """shard_map specs of an optimizer state over the flat params."""
+        return jax.tree.map(lambda x: P(AXIS) if self.is_flat(x) else P(), opt_state)
+
+    def opt_to_trees(self, opt_state):
+        return jax.tree.map(lambda x: self.unflatten(x) if self.is_flat(x) else x, opt_state)
+
+    def opt_from_trees(self, template, trees):
+        """Inverse of opt_to_trees; `template` is a flat optimizer state (a prefix of `trees`)."""
+        return jax.tree.map(lambda t, sub: self.flatten(sub) if self.is_flat(t) else sub, template, trees)
+
+
 def make_sharded_steps(task: Task, sharded: ShardedEmbeddingEngine, features, dense_tx: optax.GradientTransformation,
-                       sparse_opt):
+                       sparse_opt, zero: ZeroLayout | None = None, opt_template=None):
     """(train_step, eval_step) over `sharded.mesh`, with the Trainer's signatures:
     train_step(state, batch) -> (state, metrics); eval_step(state, stats, batch) ->
     (stats, outputs). state.tables are `sharded.init`'s stacked tables; batch leaves are
-    [n, B/n, ...] sharded over "data"."""
+    [n, B/n, ...] sharded over "data". With `zero` (and `opt_template`, a flat optimizer
+    state) the params and optimizer state are ZeroLayout slices."""
     mesh = sharded.mesh
+
+    def full_params(params):
+        if zero is None:
+            return params
+        return zero.unflatten(jax.lax.all_gather(params, AXIS, tiled=True))
 
     def feats_of(batch):
         return features.apply(batch["features"]) if features is not None else batch["features"]
@@ -79,8 +123,12 @@ def make_sharded_steps(task: Task, sharded: ShardedEmbeddingEngine, features, de
             return _global_loss(task, logits, labels, weights, wsum), logits
 
         (loss, logits), (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-            params, lk.local.rows)
-        loss, g_params = jax.lax.psum(loss, AXIS), jax.lax.psum(g_params, AXIS)
+            full_params(params), lk.local.rows)
+        loss = jax.lax.psum(loss, AXIS)
+        if zero is None:
+            g_params = jax.lax.psum(g_params, AXIS)
+        else:  # the sum over devices, each keeping its own slice
+            g_params = jax.lax.psum_scatter(zero.flatten(g_params), AXIS, tiled=True)
         skip = lk.overflow | (wsum == 0)
         updates, new_opt = dense_tx.update(g_params, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -102,8 +150,10 @@ def make_sharded_steps(task: Task, sharded: ShardedEmbeddingEngine, features, de
         new_step = step + (~skip).astype(jnp.int32)
         return new_step, params, opt_state, stats, unsqueeze({p: ts.table for p, ts in tables.items()}), metrics
 
-    train_sm = jax.shard_map(train_dev, mesh=mesh, in_specs=(P(), P(), P(), P(), P(AXIS), P(AXIS)),
-                             out_specs=(P(), P(), P(), P(), P(AXIS), P()),
+    pspec = P() if zero is None else P(AXIS)
+    ospec = P() if zero is None else zero.specs(opt_template)
+    train_sm = jax.shard_map(train_dev, mesh=mesh, in_specs=(P(), pspec, ospec, P(), P(AXIS), P(AXIS)),
+                             out_specs=(P(), pspec, ospec, P(), P(AXIS), P()),
                              # As sharding.make_train_step: the hashtable loops start from
                              # device-invariant constants; the P() outputs come from psums.
                              check_vma=False)
@@ -124,7 +174,7 @@ def make_sharded_steps(task: Task, sharded: ShardedEmbeddingEngine, features, de
         _, lk = sharded.lookup(tables, feats, train=False, step=step)
         labels = task.label_array(feats)
         weights = task.weights(feats, batch["mask"])
-        logits = task.logits(params, sharded.pool(lk.local.rows, lk, feats), feats)
+        logits = task.logits(full_params(params), sharded.pool(lk.local.rows, lk, feats), feats)
         delta = streaming.update(streaming.init(task.num_tasks, stats.pos.shape[-1]), logits, labels,
                                  batch["mask"], weights)
         out = {"logits": logits, "labels": labels, "weights": weights}
@@ -132,7 +182,7 @@ def make_sharded_steps(task: Task, sharded: ShardedEmbeddingEngine, features, de
             out["group"] = _first_id(feats[task.group])
         return streaming.merge(stats, jax.lax.psum(delta, AXIS)), unsqueeze(out)
 
-    eval_sm = jax.shard_map(eval_dev, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P(AXIS)),
+    eval_sm = jax.shard_map(eval_dev, mesh=mesh, in_specs=(P(), pspec, P(), P(AXIS), P(AXIS)),
                             out_specs=(P(), P(AXIS)), check_vma=False)
 
     def eval_step(state: TrainState, stats, batch):
@@ -146,21 +196,25 @@ def make_sharded_steps(task: Task, sharded: ShardedEmbeddingEngine, features, de
 
 class ShardedTrainer(Trainer):
     """`Trainer` over a device mesh. Extra args: mesh (from `sharding.make_mesh`),
-    rows_per_shard / bucket_capacity (see ShardedEmbeddingEngine). The reader's batch
-    size must be divisible by the number of local devices."""
+    rows_per_shard / bucket_capacity (see ShardedEmbeddingEngine), zero (shard the dense
+    params and optimizer state over the mesh, ZeroLayout, instead of replicating them).
+    The reader's batch size must be divisible by the number of local devices."""
 
     def __init__(self, task: Task, engine: EmbeddingEngine, dense_tx, sparse_opt, *, mesh,
-                 rows_per_shard=None, bucket_capacity=None, **kwargs):
+                 rows_per_shard=None, bucket_capacity=None, zero: bool = False, **kwargs):
         self.mesh = mesh
         self.sharded = ShardedEmbeddingEngine(engine, mesh, rows_per_shard, bucket_capacity)
+        self.zero: ZeroLayout | None = None
+        self._zero_requested = zero
         super().__init__(task, engine, dense_tx, sparse_opt, **kwargs)
         if self.accum_steps != 1:
             raise ValueError("gradient accumulation is not supported by the sharded trainer yet")
         self._build_steps()
 
     def _build_steps(self) -> None:
+        template = self.dense_tx.init(jnp.zeros(self.zero.padded, jnp.float32)) if self.zero else None
         self._train_step, self._eval_step = make_sharded_steps(self.task, self.sharded, self.features,
-                                                               self.dense_tx, self.sparse_opt)
+                                                               self.dense_tx, self.sparse_opt, self.zero, template)
 
     # -- batches: split the global batch into one row block per device ---------------------
     def device_batch(self, batch) -> dict:
@@ -206,10 +260,39 @@ class ShardedTrainer(Trainer):
 
         params = jax.jit(init_params)(one)
         rep = NamedSharding(self.mesh, P())
-        params = jax.device_put(params, rep)
-        opt_state = jax.device_put(self.dense_tx.init(params), rep)
+        if self._zero_requested:
+            self.zero = ZeroLayout(params, self.sharded.n)
+            self._build_steps()
+            params, opt_state = self._zero_place(params, self.dense_tx.init(params))
+        else:
+            params = jax.device_put(params, rep)
+            opt_state = jax.device_put(self.dense_tx.init(params), rep)
         stats = self._fresh_stats()
         return TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params, opt_state, tables, stats)
+
+    def _zero_place(self, params, opt_trees):
+        """Param / optimizer-state trees -> their ZeroLayout slices on the mesh."""
+        z = self.zero
+        template = self.dense_tx.init(jnp.zeros(z.padded, jnp.float32))
+        flat_p, flat_o = jax.device_get((z.flatten(params), z.opt_from_trees(template, opt_trees)))
+        place = lambda x: jax.device_put(x, NamedSharding(self.mesh, P(AXIS) if z.is_flat(x) else P()))  # noqa: E731
+        return place(flat_p), jax.tree.map(place, flat_o)
+
+    def _gather(self, x):
+        """A ZeRO-sliced vector replicated on every device (an all-gather)."""
+        return jax.device_put(x, NamedSharding(self.mesh, P())) if self.zero.is_flat(x) else x
+
+    def dense_params(self):
+        """The dense params as the model's tree (gathered from the ZeRO slices)."""
+        return self.zero.unflatten(self._gather(self.state.params)) if self.zero else self.state.params
+
+    def _dense(self, state: TrainState) -> dict:
+        # Checkpoints hold ordinary trees (with or without ZeRO, on any device count).
+        if self.zero is None:
+            return super()._dense(state)
+        return {"step": state.step, "params": self.zero.unflatten(self._gather(state.params)),
+                "opt_state": self.zero.opt_to_trees(jax.tree.map(self._gather, state.opt_state)),
+                "stats": state.stats}
 
     def _fresh_stats(self):
         """Replicated over the mesh: in a multi-process run a host-local array could be
@@ -225,10 +308,12 @@ class ShardedTrainer(Trainer):
     def restore(self, step=None) -> None:
         super().restore(step)
         rep = NamedSharding(self.mesh, P())
-        self.state = self.state._replace(step=jax.device_put(self.state.step, rep),
-                                         params=jax.device_put(self.state.params, rep),
-                                         opt_state=jax.device_put(self.state.opt_state, rep),
-                                         stats=jax.device_put(self.state.stats, rep))
+        if self.zero is None:
+            params, opt_state = (jax.device_put(self.state.params, rep), jax.device_put(self.state.opt_state, rep))
+        else:
+            params, opt_state = self._zero_place(self.state.params, self.state.opt_state)
+        self.state = self.state._replace(step=jax.device_put(self.state.step, rep), params=params,
+                                         opt_state=opt_state, stats=jax.device_put(self.state.stats, rep))
 
     # -- capacity -------------------------------------------------------------------------------
     def _ensure_room(self, lanes, force: bool = False) -> None:

@@ -164,6 +164,10 @@ class Trainer:
     def _new_state(self, dev) -> TrainState:
         return init_state(self.task, self.engine, self.features, self.dense_tx, self.sparse_opt, dev, self.seed)
 
+    def dense_params(self):
+        """The dense params as the model's tree."""
+        return self.state.params
+
     def _dense(self, state: TrainState) -> dict:
         return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "stats": state.stats}
 
