@@ -79,7 +79,7 @@ def main(argv=None) -> int:
              "logloss": f"{r['logloss']:.4f}"} for r in ours]
     rows += [{"framework": "PyTorch reference", "seed": r["seed"], "auc": f"{r['epochs'][-1]['eval_auc']:.4f}",
               "logloss": f"{r['epochs'][-1]['eval_logloss']:.4f}"} for r in torch_res["runs"]]
-    md = [f"# DeepFM on RecIS's DeepFM data (parts 0-6 x 2 epochs, eval part 7)\n",
+    md = ["# DeepFM on RecIS's DeepFM data (parts 0-6 x 2 epochs, eval part 7)\n",
           f"{result['env'].get('date_utc')}, {result['env'].get('cpu')}; jax {result['env']['versions'].get('jax')}, "
           f"torch {(torch_res.get('env') or {}).get('torch')}\n",
           common.md_table(rows, ["framework", "seed", "auc", "logloss"]),

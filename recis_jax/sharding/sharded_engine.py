@@ -42,9 +42,9 @@ global host batch into n row blocks with one static capacity, `mesh.put` places 
 (single process), `mesh.put_process_local` places this process's blocks (multi-process,
 `jax.distributed`; see tests/mp_worker.py).
 
-Not yet: admission and eviction on sharded tables (rejected at construction). Growing a
-sharded table after an overflow is the trainer's job (recis_jax/train/sharded.py). Checkpoints reshard on load (recis_jax/checkpoint); the trainer over this
-engine is recis_jax/train/sharded.py.
+Not yet: admission and eviction on sharded tables (rejected at construction). The
+trainer over this engine (growth after an overflow, ZeRO, checkpoints that reshard on
+load) is recis_jax/train/sharded.py.
 """
 
 from __future__ import annotations

@@ -46,10 +46,7 @@ import numpy as np
 import optax
 
 from recis_jax import metrics as exact_metrics
-try:
-    from recis_jax.checkpoint import CheckpointManager
-except ImportError:
-    CheckpointManager = None
+from recis_jax.checkpoint import CheckpointManager
 from recis_jax.embedding import capacity
 from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.engine import EmbeddingEngine
@@ -126,7 +123,7 @@ class Trainer:
         self._live_bound: dict[str, int] = {}
         self._lanes_cache: dict = {}
         self._counts = {"new": 0, "evicted": 0, "overflow": 0, "not_admitted": 0}
-        self._examples = 0
+        self._examples = self._examples_at_start = 0
 
     # -- batches ------------------------------------------------------------------------
     def device_batch(self, batch: Batch) -> dict:
@@ -302,7 +299,7 @@ class Trainer:
         written to workdir/summary.json)."""
         t_start = time.perf_counter()
         self._init_from(reader)
-        self._examples_at_start = self._examples
+        self._examples_at_start = self._examples  # samples/s counts this run's examples only
         same = self.meta.get("window") == window
         done = num_steps is not None and int(self.state.step) >= num_steps
         start = _my_reader(self.meta.get("reader")) if same else None
@@ -458,7 +455,7 @@ class Trainer:
             "steps": int(self.state.step) if self.state is not None else 0,
             "examples": self._examples,
             "wall_seconds": wall,
-            "samples_per_sec": (self._examples - getattr(self, "_examples_at_start", 0)) / max(wall, 1e-9),
+            "samples_per_sec": (self._examples - self._examples_at_start) / max(wall, 1e-9),
             "table_sizes": self.table_sizes() if self.state is not None else {},
             "counts": dict(self._counts),
             "device": str(jax.devices()[0]),
