@@ -171,3 +171,12 @@ def test_zero_matches_replicated_and_checkpoints_portably(tmp_path):
     assert int(one.state.step) == 6
     for x, y in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(z.dense_params())):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_eviction_on_sharded_tables_matches_one_device(tmp_path):
+    cfg = small_config(*F32, "--config.embedding.evict_after_steps=2")
+    one, s1 = run(cfg, None, 1, 8, tmp_path)
+    two, s2 = run(cfg, None, 2, 8, tmp_path)
+    assert one._counts["evicted"] > 0 and one._counts["evicted"] == two._counts["evicted"]
+    assert s1["table_sizes"] == s2["table_sizes"]
+    assert_close(one, two)

@@ -42,13 +42,15 @@ global host batch into n row blocks with one static capacity, `mesh.put` places 
 (single process), `mesh.put_process_local` places this process's blocks (multi-process,
 `jax.distributed`; see tests/mp_worker.py).
 
-Not yet: admission and eviction on sharded tables (rejected at construction). The
+Not yet: admission on sharded tables (rejected at construction); eviction runs per
+shard (`evict`). The
 trainer over this engine (growth after an overflow, ZeRO, checkpoints that reshard on
 load) is recis_jax/train/sharded.py.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -129,7 +131,8 @@ class ShardedEmbeddingEngine:
       bucket_capacity: keys one device may send to one owner per step, an int or
         {table: int}; default min(N, next power of two >= 2 N / n), N = the table's
         lanes per device (2x the mean per-owner count at worst, all lanes unique).
-    Admission and eviction policies are not supported yet (ValueError).
+    Admission policies are not supported yet (ValueError); eviction runs per shard
+    (`evict`, host side between steps, as for the plain engine).
     """
 
     def __init__(self, engine: EmbeddingEngine, mesh: jax.sharding.Mesh,
@@ -138,8 +141,8 @@ class ShardedEmbeddingEngine:
         if mesh.axis_names != (AXIS,):
             raise ValueError(f"mesh must have the single axis {AXIS!r}, got {mesh.axis_names}")
         for p in engine.physical:
-            if engine._admission[p] is not None or engine._eviction[p] is not None:
-                raise ValueError(f"table {p!r}: admission / eviction are not supported on a sharded engine yet")
+            if engine._admission[p] is not None:
+                raise ValueError(f"table {p!r}: admission is not supported on a sharded engine yet")
         self.engine, self.mesh, self.n = engine, mesh, mesh.size
         self.rows_per_shard = {}
         for p, r in engine.num_rows.items():
@@ -285,10 +288,43 @@ class ShardedEmbeddingEngine:
             out[p] = {k: v[order] for k, v in merged.items()}
         return out
 
+    def evict(self, state: dict[str, TableState], step: int, global_step: jax.Array | int
+              ) -> tuple[dict[str, TableState], dict[str, jax.Array]]:
+        """Each table's eviction policy on every shard (vmapped over the device axis),
+        when `step % policy.every == 0`. Stale rows (max_age) go exactly as on one
+        device; the LFU size cap applies per shard as ceil(max_rows / n) (rows are spread
+        evenly by the owner hash). Returns (state, {table: evicted over all shards})."""
+        out, counts = dict(state), {}
+        for p, policy in self.engine._eviction.items():
+            if policy is None or step % policy.every:
+                continue
+            table, n = _evict_shards(policy, self.n, state[p].table, jnp.asarray(global_step, jnp.int32))
+            out[p] = state[p]._replace(table=table)
+            counts[p] = n
+        return out, counts
+
     def shard_sizes(self, state: dict[str, TableState]) -> dict[str, dict[int, int]]:
         """{table: {shard: live rows}} for the shards this process holds."""
         return {p: {i: self.rows_per_shard[p] - int(v) for i, v in local_shards(ts.table.num_free).items()}
                 for p, ts in state.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def _evict_shards(policy, n: int, stacked: ht.HashTableState, current_step: jax.Array):
+    from recis_jax.embedding.eviction import evict_lfu, evict_stale
+
+    def one(t):
+        total = jnp.zeros((), jnp.int32)
+        if policy.max_age is not None:
+            t, k = evict_stale(t, current_step, policy.max_age)
+            total = total + k
+        if policy.max_rows is not None:
+            t, k = evict_lfu(t, -(-policy.max_rows // n))
+            total = total + k
+        return t, total
+
+    tables, counts = jax.vmap(one)(stacked)
+    return tables, jnp.sum(counts)
 
 
 LossFn = Callable[[Any, dict, Any], jax.Array]

@@ -17,8 +17,8 @@ evaluation are all-reduced / gathered over the mesh.
 Differences from the one-device Trainer: sharded tables grow only after an insert
 overflow (the step wrote nothing; rows per shard double, host-staged, and the batch is
 rerun; in a multi-process run it stops with a clear error instead), a bucket overflow
-doubles that table's bucket capacity and reruns the step, and admission / eviction are
-not available on sharded tables yet.
+doubles that table's bucket capacity and reruns the step, eviction runs per shard (the
+LFU cap as max_rows / n per shard), and admission is not available on sharded tables yet.
 Checkpoints store the live rows by ID, so they load onto any device count, sharded or
 not; in a multi-process run every process writes its own shards into one checkpoint
 (the workdir must be on a filesystem all processes see).
@@ -293,6 +293,9 @@ class ShardedTrainer(Trainer):
         return {"step": state.step, "params": self.zero.unflatten(self._gather(state.params)),
                 "opt_state": self.zero.opt_to_trees(jax.tree.map(self._gather, state.opt_state)),
                 "stats": state.stats}
+
+    def _evict_tables(self, host_step: int):
+        return self.sharded.evict(self.state.tables, host_step, self.state.step)
 
     def _fresh_stats(self):
         """Replicated over the mesh: in a multi-process run a host-local array could be

@@ -347,6 +347,9 @@ class Trainer:
             self.save(last_reader, window=window, finished=finished)
         return self._summary(eval_result, t_start)
 
+    def _evict_tables(self, host_step: int):
+        return self.engine.evict(self.state.tables, host_step, global_step=self.state.step)
+
     def _fresh_stats(self) -> streaming.StreamingState:
         """Zeroed train metrics (placed like the rest of the state)."""
         return streaming.init(self.task.num_tasks)
@@ -354,7 +357,7 @@ class Trainer:
     def _evict(self, host_step: int) -> None:
         if all(p is None for p in self.engine._eviction.values()):
             return
-        tables, counts = self.engine.evict(self.state.tables, host_step, global_step=self.state.step)
+        tables, counts = self._evict_tables(host_step)
         self.state = self.state._replace(tables=tables)
         if counts:
             n = sum(int(c) for c in jax.device_get(counts).values())
