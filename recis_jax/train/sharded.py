@@ -61,7 +61,9 @@ class ZeroLayout:
     multiple of n and sharded over the mesh, so each device stores 1/n of the params and
     of every optimizer-state vector. The step all-gathers the params, and reduce-scatters
     the gradients so each device updates its own slice. Checkpoints hold the ordinary
-    (unflattened) trees, so they load with or without ZeRO and on any device count."""
+    (unflattened) trees, so they load with or without ZeRO and on any device count.
+    The dense optax transformation must be elementwise (Adam, AdamW, Adagrad, SGD, ...):
+    one that reduces over all params, like clip_by_global_norm, would see a slice only."""
 
     def __init__(self, params_template, n: int):
         flat, self._unravel = ravel_pytree(params_template)
