@@ -13,7 +13,9 @@ the current one runs. It
     table can run out, so inserts practically never overflow; if one does (the step
     changed nothing), the tables grow and that batch is rerun as soon as the host sees
     it - one step later, since the host looks one step behind (a deterministic order:
-    a rerun of the same run overflows at the same step);
+    a rerun of the same run overflows at the same step). Known limit: the other tables
+    of an overflowed step keep that step's new rows (at their initial values, no
+    update), so their count / last_seen / admission sketch see the batch twice;
   * stops on a non-finite loss or gradient with a TrainingError naming the step and
     the tables, before any checkpoint could store it;
   * logs every `log_every` steps (progress line, workdir/metrics.jsonl, TensorBoard
