@@ -10,18 +10,14 @@ runs in bfloat16. The generated data is multi-hot (1-20 IDs per feature and row)
 MLPerf's tables are capped at 4M rows each in the benchmark issue's shape.
 """
 
-import importlib.util
 import os
 
-# The shared keys come from configs/deepfm.py (loaded by path: configs/ is not a package).
-_spec = importlib.util.spec_from_file_location("recis_deepfm_config", os.path.join(os.path.dirname(__file__),
-                                                                                   "deepfm.py"))
-deepfm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(deepfm)
+from recis_jax.train.main import load_config
 
 
 def get_config(arg=None):
-    c = deepfm.get_config()
+    # The shared keys come from configs/deepfm.py (configs/ is not a package).
+    c = load_config(os.path.join(os.path.dirname(__file__), "deepfm.py"))
     c.data.generate.update(dict(num_files=8, rows_per_file=100_000, vocab_size=1_000_000, multi_hot=(1, 20)))
     c.features.update(dict(embed_dim=128, bias_dim=0))
     c.embedding.update(dict(num_rows=1 << 16, init_std=0.01))

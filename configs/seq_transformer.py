@@ -12,17 +12,14 @@ the 26 categorical embeddings, the 13 numerics] gives the click logit. Other key
 configs/deepfm.py.
 """
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location("recis_deepfm_config", os.path.join(os.path.dirname(__file__),
-                                                                                   "deepfm.py"))
-deepfm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(deepfm)
+from recis_jax.train.main import load_config
 
 
 def get_config(arg=None):
-    c = deepfm.get_config()
+    # The shared keys come from configs/deepfm.py (configs/ is not a package).
+    c = load_config(os.path.join(os.path.dirname(__file__), "deepfm.py"))
     c.features.update(dict(embed_dim=64, bias_dim=0, seq_len=1024))
     c.data.generate.update(dict(num_files=8, rows_per_file=25_000, vocab_size=100_000))
     c.embedding.update(dict(num_rows=1 << 16, init_std=0.01))

@@ -40,7 +40,7 @@ from recis_jax.models.losses import sigmoid_bce_with_logits
 from recis_jax.ragged import Ragged, capacity_bucket
 from recis_jax.sharding.mesh import AXIS, local_shards, put, put_process_local, split_features, squeeze, unsqueeze
 from recis_jax.sharding.sharded_engine import ShardedEmbeddingEngine
-from recis_jax.train.step import TrainState, _first_id
+from recis_jax.train.step import TrainState, _first_id, _forward
 from recis_jax.train.task import Task
 from recis_jax.train.trainer import Trainer, TrainingError
 
@@ -108,16 +108,16 @@ def make_sharded_steps(task: Task, sharded: ShardedEmbeddingEngine, features, de
             return params
         return zero.unflatten(jax.lax.all_gather(params, AXIS, tiled=True))
 
-    def feats_of(batch):
-        return features.apply(batch["features"]) if features is not None else batch["features"]
+    def forward(hts, batch, step, train):
+        """This device's tables (a [0, 0] sketch: unused when sharded) and batch slice
+        through the shared step's feature ops + lookup (the sharded engine has the
+        EmbeddingEngine's lookup signature)."""
+        tables = {p: TableState(t, jnp.zeros((0, 0), jnp.int32)) for p, t in squeeze(hts).items()}
+        return _forward(task, sharded, features, tables, squeeze(batch), step, train)
 
     def train_dev(step, params, opt_state, stats, hts, batch):
-        hts, batch = squeeze(hts), squeeze(batch)
-        tables = {p: TableState(t, jnp.zeros((0, 0), jnp.int32)) for p, t in hts.items()}
-        feats = feats_of(batch)
-        tables, lk = sharded.lookup(tables, feats, train=True, step=step)
-        labels = task.label_array(feats)
-        weights = task.weights(feats, batch["mask"])
+        tables, lk, feats, labels, weights = forward(hts, batch, step, True)
+        batch = squeeze(batch)
         wsum = jax.lax.psum(jnp.sum(weights), AXIS)
 
         def loss_fn(p, rows):
@@ -170,12 +170,8 @@ def make_sharded_steps(task: Task, sharded: ShardedEmbeddingEngine, features, de
         return TrainState(step, params, opt_state, tables, stats), metrics
 
     def eval_dev(step, params, stats, hts, batch):
-        hts, batch = squeeze(hts), squeeze(batch)
-        tables = {p: TableState(t, jnp.zeros((0, 0), jnp.int32)) for p, t in hts.items()}
-        feats = feats_of(batch)
-        _, lk = sharded.lookup(tables, feats, train=False, step=step)
-        labels = task.label_array(feats)
-        weights = task.weights(feats, batch["mask"])
+        _, lk, feats, labels, weights = forward(hts, batch, step, False)
+        batch = squeeze(batch)
         logits = task.logits(full_params(params), sharded.pool(lk.local.rows, lk, feats), feats)
         delta = streaming.update(streaming.init(task.num_tasks, stats.pos.shape[-1]), logits, labels,
                                  batch["mask"], weights)
