@@ -16,9 +16,11 @@ evaluation are all-reduced / gathered over the mesh.
 
 Differences from the one-device Trainer: sharded tables grow only after an insert
 overflow (the step wrote nothing; rows per shard double, host-staged, and the batch is
-rerun; in a multi-process run it stops with a clear error instead), a bucket overflow
-doubles that table's bucket capacity and reruns the step, eviction runs per shard (the
-LFU cap as max_rows / n per shard), and admission is not available on sharded tables yet.
+rerun; in a multi-process run the rows are staged through a directory under the workdir,
+which must be on a filesystem all processes see, and every process makes the same
+growth, so all re-jit the same program), a bucket overflow doubles that table's bucket
+capacity and reruns the step, eviction runs per shard (the LFU cap as max_rows / n per
+shard), and admission is not available on sharded tables yet.
 Checkpoints store the live rows by ID, so they load onto any device count, sharded or
 not; in a multi-process run every process writes its own shards into one checkpoint
 (the workdir must be on a filesystem all processes see).
@@ -342,28 +344,80 @@ class ShardedTrainer(Trainer):
         """Doubles the rows per shard of `names`: their live rows go out in the
         checkpoint's sparse format and come back into larger slabs, each row on its owner
         (IDs, values, optimizer slots, last_seen and count carried exactly; row numbers
-        are new, nothing depends on them). Host-staged, through a temporary directory."""
+        are new, nothing depends on them). Host-staged, through a temporary directory
+        (`_stage_multiprocess` in a multi-process run)."""
         import tempfile
 
         from recis_jax.checkpoint.sparse import load_sparse, save_sparse
 
-        if jax.process_count() > 1:
-            raise TrainingError(
-                f"step {int(self.state.step)}: sharded table(s) {', '.join(repr(p) for p in names)} ran out of rows "
-                f"or probes ({self.sharded.rows_per_shard} rows per shard); nothing was written. Growing sharded "
-                f"tables in a multi-process run is not supported yet: restart from the last checkpoint with more "
-                f"rows per shard (embedding.rows_per_shard)")
         new_rows = {p: 2 * self.sharded.rows_per_shard[p] for p in names}
         old = {p: self.state.tables[p] for p in names}
-        with tempfile.TemporaryDirectory(prefix="recis-grow.") as tmp:
-            entries = save_sparse(tmp, old, self.sharded)
-            grown = load_sparse(tmp, {"tables": entries}, self.engine, self.sparse_opt, tables=names,
-                                sharded=self.sharded, num_rows=new_rows)
+
+        def load(directory, entries):
+            return load_sparse(directory, {"tables": entries}, self.engine, self.sparse_opt, tables=names,
+                               sharded=self.sharded, num_rows=new_rows)
+
+        if jax.process_count() > 1:
+            grown = self._stage_multiprocess(names, old, load)
+        else:
+            with tempfile.TemporaryDirectory(prefix="recis-grow.") as tmp:
+                grown = load(tmp, save_sparse(tmp, old, self.sharded))
         for leaf in jax.tree.leaves(old):  # as after a donated call: the old slabs are gone
             leaf.delete()
         self.state = self.state._replace(tables={**self.state.tables, **grown})
         self.progress.message(f"grew sharded table(s) {', '.join(names)} to "
                               f"{', '.join(str(self.sharded.rows_per_shard[p]) for p in names)} rows per shard")
+
+    def _stage_multiprocess(self, names: list[str], old: dict, load) -> dict:
+        """`_grow_tables`' round trip in a `jax.distributed` run, as the multi-process
+        checkpoint save does it: every process writes the live rows of the shards it
+        holds into one directory under the workdir (which all processes see), then every
+        process reads all of them back (`load`), keeping the new shards of its own
+        devices. Every process decides the same growth (the overflow flags are reduced
+        over the mesh) and builds the same shapes, so all re-jit the same program."""
+        import json
+        import os
+        import shutil
+
+        from jax.experimental import multihost_utils
+
+        from recis_jax.checkpoint.manager import _merge_parts
+        from recis_jax.checkpoint.sparse import save_sparse, write_json
+
+        step = int(self.state.step)
+        if not self.workdir:
+            raise TrainingError(
+                f"step {step}: sharded table(s) {', '.join(repr(p) for p in names)} ran out of rows or probes "
+                f"({', '.join(str(self.sharded.rows_per_shard[p]) for p in names)} rows per shard); nothing was "
+                f"written. Growing them in a multi-process run stages the rows through the workdir: give the "
+                f"trainer a workdir on a filesystem every process sees (`--workdir`, ShardedTrainer(workdir=...)), "
+                f"or size the tables with embedding.rows_per_shard")
+        me = jax.process_index()
+        tmp = os.path.join(self.workdir, f".recis-grow.{step}")
+        parts = os.path.join(tmp, "parts")
+        if me == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted run
+            os.makedirs(parts)
+        try:
+            multihost_utils.sync_global_devices(f"recis-jax grow {step}: begin")
+            os.makedirs(parts, exist_ok=True)  # exists unless the workdir is not shared (checked below)
+            write_json(os.path.join(parts, f"process-{me:05d}.json"),
+                       save_sparse(tmp, old, self.sharded, local_only=True))
+            multihost_utils.sync_global_devices(f"recis-jax grow {step}: written")
+            entries = []
+            for f in sorted(os.listdir(parts)):
+                with open(os.path.join(parts, f)) as fh:
+                    entries.append(json.load(fh))
+            if len(entries) != jax.process_count():
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise TrainingError(f"{parts}: holds {len(entries)} parts, expected one per process "
+                                    f"({jax.process_count()}): is the workdir on a filesystem every process sees?")
+            grown = load(tmp, _merge_parts(entries))
+            multihost_utils.sync_global_devices(f"recis-jax grow {step}: loaded")
+        finally:
+            if me == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return grown
 
     def table_sizes(self) -> dict[str, int]:
         local = {p: sum(v.values()) for p, v in self.sharded.shard_sizes(self.state.tables).items()}
