@@ -18,7 +18,8 @@ Differences from the one-device Trainer: sharded tables grow only after an inser
 overflow (the step wrote nothing; rows per shard double, host-staged, and the batch is
 rerun; in a multi-process run the rows are staged through a directory under the workdir,
 which must be on a filesystem all processes see, and every process makes the same
-growth, so all re-jit the same program), a bucket overflow doubles that table's bucket
+growth, so all re-jit the same program), the bucket capacity is measured over the first
+steps (1.25 x the largest fill; `_calibrate_buckets`), a bucket overflow doubles that table's bucket
 capacity and reruns the step, eviction runs per shard (the LFU cap as max_rows / n per
 shard), and admission is not available on sharded tables yet.
 Checkpoints store the live rows by ID, so they load onto any device count, sharded or
@@ -150,7 +151,8 @@ def make_sharded_steps(task: Task, sharded: ShardedEmbeddingEngine, features, de
             s = lk.stats[p]
             metrics["tables"][p] = dict(upd.get(p, {}), new=s["new"], missing=jax.lax.psum(
                 lk.local.tables[p].missing, AXIS), not_admitted=jnp.int32(0), bucket_overflow=s["bucket_overflow"],
-                insert_overflow=s["insert_overflow"], bucket_fill=s["bucket_fill"])
+                insert_overflow=s["insert_overflow"], bucket_fill=s["bucket_fill"],
+                bucket_capacity=s["bucket_capacity"])
         new_step = step + (~skip).astype(jnp.int32)
         return new_step, params, opt_state, stats, unsqueeze({p: ts.table for p, ts in tables.items()}), metrics
 
@@ -204,6 +206,9 @@ class ShardedTrainer(Trainer):
                  rows_per_shard=None, bucket_capacity=None, zero: bool = False, **kwargs):
         self.mesh = mesh
         self.sharded = ShardedEmbeddingEngine(engine, mesh, rows_per_shard, bucket_capacity)
+        self._calibrating = bucket_capacity is None  # measure the bucket capacity (see _calibrate_buckets)
+        self._fills: dict[str, int] = {}
+        self._calibration_steps = 0
         self.zero: ZeroLayout | None = None
         self._zero_requested = zero
         super().__init__(task, engine, dense_tx, sparse_opt, **kwargs)
@@ -324,6 +329,34 @@ class ShardedTrainer(Trainer):
 
     def _lanes(self, dev) -> dict[str, int]:
         return {p: 0 for p in self.engine.physical}
+
+    CALIBRATE_AFTER = 4  # checked steps whose bucket fills set the measured capacity
+
+    def _check(self, pending) -> dict:
+        m = super()._check(pending)
+        if self._calibrating:
+            self._calibrate_buckets(m)
+        return m
+
+    def _calibrate_buckets(self, m: dict) -> None:
+        """The engine's default bucket capacity is a safe bound (every lane a distinct
+        ID): owners then sort and probe ~2x the lanes a device has, which cost 30-45% of
+        weak-scaling efficiency on 2-4 H100s (benchmarks/results/sharding_scaling_h100x4.md).
+        After CALIBRATE_AFTER steps the capacity becomes 1.25 x the largest fill they
+        saw (rounded up to 64) and the steps re-jit once; a later, larger batch
+        overflows, grows the capacity and is rerun (never dropped). The fills are
+        reduced over the mesh, so every process makes the same choice."""
+        for p, t in m["tables"].items():
+            self._fills[p] = max(self._fills.get(p, 0), int(t["bucket_fill"]))
+        self._calibration_steps += 1
+        if self._calibration_steps < self.CALIBRATE_AFTER:
+            return
+        self._calibrating = False
+        current = {p: int(t["bucket_capacity"]) for p, t in m["tables"].items()}
+        want = {p: min(current[p], max(64, -(-int(1.25 * self._fills[p]) // 64) * 64)) for p in current}
+        if want != current:
+            self.sharded._bucket_capacity = want
+            self._build_steps()
 
     def _grow_after_overflow(self, pending, m: dict) -> None:
         """An insert overflow doubles the table's rows per shard; a bucket overflow

@@ -237,9 +237,9 @@ class Trainer:
         self.state = self.state._replace(tables=tables)
 
     # -- steps --------------------------------------------------------------------------
-    def _check(self, pending: _Pending) -> None:
+    def _check(self, pending: _Pending) -> dict:
         """Looks at a dispatched step's metrics: reruns it after growing on overflow,
-        raises on non-finite values, accumulates counters."""
+        raises on non-finite values, accumulates counters. Returns the (host) metrics."""
         m = jax.device_get(pending.metrics)
         attempts = 0
         while m["overflow"]:
@@ -263,6 +263,7 @@ class Trainer:
             self._counts["new"] += int(t["new"])
             self._counts["not_admitted"] += int(t["not_admitted"])
         self._examples += pending.examples
+        return m
 
     def _grow_after_overflow(self, pending: _Pending, m: dict) -> None:
         """Doubles every table's index, and its rows when they could not hold the batch."""
