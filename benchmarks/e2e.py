@@ -113,15 +113,13 @@ def probes(platform: str) -> dict:
     a = jnp.ones((m, m), dt)
     mm = jax.jit(lambda a: a @ a)
     mat = common.time_calls(lambda: mm(a), jax.block_until_ready, warmup=3, repeats=10, inner=1)
-    del x, a
     return {"copy_gbps": 2 * 4 * n / copy["median_s"] / 1e9, "matmul_tflops": 2 * m ** 3 / mat["median_s"] / 1e12}
 
 
 def run_jax(a) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    import recis_jax  # noqa: F401  (x64)
+    import recis_jax  # noqa: F401  (enables x64)
     from recis_jax.embedding.engine import EmbeddingEngine
     from recis_jax.train import recipes
     from recis_jax.train.step import init_state, make_train_step
@@ -203,8 +201,6 @@ def dense_only_step(recipe, engine, state, dev, a) -> float:
     batch's pooled embeddings, given as inputs: the dense share of the full step."""
     import jax
     import optax
-
-    from recis_jax.models.losses import multitask_loss  # noqa: F401  (same loss module as the step)
 
     task, feats_engine = recipe.task, recipe.features
     feats = feats_engine.apply(dev["features"]) if feats_engine is not None else dev["features"]
