@@ -94,6 +94,20 @@ def jax_batch(w: D.Workload, b: dict, cfg) -> dict:
     return {"features": feats, "mask": np.ones(B, bool)}
 
 
+def split_rows(w: D.Workload, b: dict, k: int) -> list[dict]:
+    """An e2e_data batch as k micro-batches of batch / k rows (fixed hotness: row-major slices)."""
+    m = w.batch // k
+    out = []
+    for j in range(k):
+        r = slice(j * m, (j + 1) * m)
+        part = {"label": b["label"][r], "dense": b["dense"][r],
+                "cat": [c[j * m * h:(j + 1) * m * h] for c, h in zip(b["cat"], w.hotness)]}
+        if w.seq_len:
+            part["seq"], part["target"] = b["seq"][r], b["target"][r]
+        out.append(part)
+    return out
+
+
 def _rows(n: int) -> int:
     return max(1024, -(-int(n * 1.02) // 1024) * 1024)
 
@@ -119,13 +133,18 @@ def probes(platform: str) -> dict:
 def run_jax(a) -> dict:
     import jax
 
-    import recis_jax  # noqa: F401  (enables x64)
+    import recis_jax  # noqa: F401,I001  (enables x64)
     from recis_jax.embedding.engine import EmbeddingEngine
     from recis_jax.train import recipes
     from recis_jax.train.step import init_state, make_train_step
 
     w = D.WORKLOADS[a.workload]
     platform = jax.default_backend()
+    # dcnv2's batch of 65536 x 214 lookups does not fit one H100 in one pass (the lookup
+    # keeps per-occurrence [N, 128] float32 rows for pooling and its backward: ~95 GB):
+    # it runs as 4 accumulated micro-batches of 16384, one update per 65536 (same math).
+    accum = a.accum or (4 if w.name == "dcnv2" else 1)
+    micro = dataclasses.replace(w, batch=w.batch // accum)
     probe = probes(platform)
     cfg = jax_config(w, platform)
     recipe = recipes.build(cfg)
@@ -144,12 +163,17 @@ def run_jax(a) -> dict:
     engine = EmbeddingEngine(opts, seed=cfg.seed)
     slots = 1.0 / w.dim if cfg.train.sparse_optimizer == "rowwise_adagrad" else 2.0
     bytes_per_step = statistics.mean(D.sparse_bytes(w, b, slots) for b in host)
-    dev = [jax.device_put(recipe.features.host_transform(jax_batch(w, b, cfg)["features"])) for b in host]
-    dev = [{"features": d, "mask": jax.device_put(np.ones(w.batch, bool))} for d in dev]
+    mask = jax.device_put(np.ones(micro.batch, bool))
+    dev = [tuple({"features": jax.device_put(recipe.features.host_transform(jax_batch(micro, p, cfg)["features"])),
+                  "mask": mask} for p in split_rows(w, b, accum)) for b in host]
+    dev = [d if accum > 1 else d[0] for d in dev]
     del host
     jax.block_until_ready(dev)
-    state = init_state(recipe.task, engine, recipe.features, recipe.dense_tx, recipe.sparse_opt, dev[0], cfg.seed)
-    step = make_train_step(recipe.task, engine, recipe.features, recipe.dense_tx, recipe.sparse_opt)
+    first_micro = dev[0][0] if accum > 1 else dev[0]
+    state = init_state(recipe.task, engine, recipe.features, recipe.dense_tx, recipe.sparse_opt, first_micro,
+                       cfg.seed)
+    step = make_train_step(recipe.task, engine, recipe.features, recipe.dense_tx, recipe.sparse_opt,
+                           accum_steps=accum)
     t0 = time.perf_counter()
     state, m = step(state, dev[0])
     jax.block_until_ready((state, m))
@@ -176,7 +200,7 @@ def run_jax(a) -> dict:
     if not np.isfinite(loss):
         raise RuntimeError(f"{w.name}: loss is {loss}")
     step_s = statistics.median(windows) / a.window_steps
-    dense_s = dense_only_step(recipe, engine, state, dev[0], a)
+    dense_s = accum * dense_only_step(recipe, engine, state, first_micro, a)
     peak = None
     if platform == "gpu":
         peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use")
@@ -193,7 +217,7 @@ def run_jax(a) -> dict:
             "workload": w.name, "dist": a.dist, "mode": "hashtable", "batch": w.batch, "first_step_s": first,
             "step_s": step_s, "samples_per_s": w.batch / step_s, "window_s": windows, "peak_mem_bytes": peak,
             "dense_step_s": dense_s, "sparse_bytes_per_step": bytes_per_step, "loss": loss,
-            "table_rows": {p: int(r) for p, r in engine.num_rows.items()}, "dense_dtype": cfg.model.dtype, **probe}
+            "table_rows": {p: int(r) for p, r in engine.num_rows.items()}, "dense_dtype": cfg.model.dtype, "accum_steps": accum, **probe}
 
 
 def dense_only_step(recipe, engine, state, dev, a) -> float:
@@ -260,14 +284,18 @@ def derive(rows: list[dict]) -> list[dict]:
         w = D.WORKLOADS[wname]
         group = [r for r in rows if r.get("workload") == wname and r.get("dist") == dist]
         ours = next((r for r in group if r["framework"] == "recis-jax"), None)
-        if ours is None:
-            continue
-        bytes_ps = ours["sparse_bytes_per_step"] / w.batch
+        probe = ours or group[0]  # probes of the recis-jax process, else of a PyTorch one
+        if ours is not None:
+            bytes_ps = ours["sparse_bytes_per_step"] / w.batch
+        else:  # recis-jax failed here: the same bytes from the generated batches
+            slots = 1.0 / w.dim if wname.startswith("dcnv2") else 2.0
+            bytes_ps = statistics.mean(D.sparse_bytes(w, D.make_batch(w, dist, i, r0.get("seed", 0)), slots)
+                                       for i in range(w.num_batches) for r0 in group[:1]) / w.batch
         flops_ps = D.dense_flops_per_sample(w)
-        bw, peak = ours["copy_gbps"] * 1e9, ours["matmul_tflops"] * 1e12
+        bw, peak = probe["copy_gbps"] * 1e9, probe["matmul_tflops"] * 1e12
         bound = 1.0 / max(bytes_ps / bw, flops_ps / peak)
         entry = {"workload": wname, "dist": dist, "batch": w.batch, "bytes_per_sample": bytes_ps,
-                 "flops_per_sample": flops_ps, "copy_gbps": ours["copy_gbps"], "matmul_tflops": ours["matmul_tflops"],
+                 "flops_per_sample": flops_ps, "copy_gbps": probe["copy_gbps"], "matmul_tflops": probe["matmul_tflops"],
                  "bound_samples_per_s": bound, "bound_by": "bandwidth" if bytes_ps / bw > flops_ps / peak else "flops",
                  "runs": {}}
         for r in group:
@@ -280,7 +308,7 @@ def derive(rows: list[dict]) -> list[dict]:
             if r["framework"] == "recis-jax":
                 entry["runs"][name]["dense_share"] = r["dense_step_s"] / r["step_s"]
         for name, run in entry["runs"].items():
-            if name != "recis-jax":
+            if name != "recis-jax" and "recis-jax" in entry["runs"]:
                 entry[f"ratio_vs_{name}"] = entry["runs"]["recis-jax"]["samples_per_s"] / run["samples_per_s"]
         out.append(entry)
     return out
@@ -312,14 +340,20 @@ def markdown(env: dict, derived: list[dict], failures: list[dict], args) -> str:
         lines.append(f"| {e['workload']} | {e['dist']} | {f'{rs:.2f}x' if rs else '-'} | {f'{rm:.2f}x' if rm else '-'} | "
                      f"{e['bound_samples_per_s']:,.0f} ({e['bound_by']}) | {e['bytes_per_sample'] / 1e3:,.1f} KB | "
                      f"{e['flops_per_sample'] / 1e6:,.1f} | "
-                     f"{100 * e['runs']['recis-jax'].get('dense_share', float('nan')):.0f}% |")
+                     f"{100 * e['runs'].get('recis-jax', {}).get('dense_share', float('nan')):.0f}% |")
     if derived:
         e = derived[0]
-        lines += ["", f"Measured in the recis-jax process: copy {e['copy_gbps']:,.0f} GB/s (read + write), "
+        lines += ["", f"Probes in the same run (first row group): copy {e['copy_gbps']:,.0f} GB/s (read + write), "
                   f"matmul {e['matmul_tflops']:,.0f} TFLOP/s ({'bf16' if args.device == 'gpu' else 'float32'})."]
     if failures:
-        lines += ["", "Runs that failed (see the JSON for the output):"] + [f"- `{f['cmd']}`" for f in failures]
+        lines += ["", "Runs that failed (the JSON has their output):"] + [
+            f"- `{f['cmd'].split('e2e.py ')[-1].split(' --result')[0]}`: {_reason(f['error'])}" for f in failures]
     return "\n".join(lines) + "\n"
+
+
+def _reason(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if "Error" in ln or "error" in ln]
+    return (lines[-1] if lines else err.splitlines()[-1])[:300]
 
 
 def chart(derived: list[dict], path: pathlib.Path, title: str) -> None:
@@ -372,6 +406,7 @@ def main() -> None:
     ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dist", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--accum", type=int, default=0, help="(one run) micro-batches per step (0: per workload)")
     ap.add_argument("--profile", default="", help="(one run) write a jax.profiler trace of 3 steps here")
     a = ap.parse_args()
     gpu = a.device == "gpu"
@@ -410,11 +445,12 @@ def main() -> None:
                         (["--compile"] if comp else [])
                     rows.append(_run_one(cmd, out, a.timeout))
     for f in filter(None, a.merge.split(",")):
-        rows += json.loads(pathlib.Path(f).read_text())["runs"]
+        rows += [r for r in json.loads(pathlib.Path(f).read_text())["runs"]]
     ok = [r for r in rows if "error" not in r]
     failures = [r for r in rows if "error" in r]
     derived = derive(ok)
-    info = common.env_info(with_jax=False)
+    merged = [json.loads(pathlib.Path(f).read_text()) for f in filter(None, a.merge.split(","))]
+    info = merged[0]["env"] if merged and not workloads else common.env_info(with_jax=False)
     a.torch_version = next((r.get("torch") for r in ok if r.get("framework") == "torch"), None)
     tag = a.tag or ("h100" if gpu and "H100" in str(info.get("gpu_name")) else ("gpu" if gpu else "cpu"))
     out = pathlib.Path(a.out)
