@@ -459,3 +459,15 @@ def test_reused_row_starts_with_its_own_count_and_tombstones_are_counted():
     st, _ = ht.delete(cfg, st, t1, jnp.array([8]), v1)
     st, _ = ht.find_or_insert(cfg, st, t1, jnp.array([8]), v1)  # reuses its own tombstone
     assert int(st.num_tombstones) == int(np.sum(np.asarray(st.slot_state) == ht.TOMBSTONE))
+
+
+@pytest.mark.parametrize("kind", ["truncated_normal", "normal", "uniform", "xavier_uniform"])
+def test_initial_rows_chunked_is_bitwise_unchunked(kind):
+    # a step's lanes are initialized in chunks (memory); no bit may change
+    rng = np.random.default_rng(7)
+    ids = jnp.asarray(rng.integers(-2**62, 2**62, 1000))
+    tables = jnp.asarray(rng.integers(0, 3, 1000).astype(np.int32))
+    init = Initializer(kind, std=0.01)
+    whole = jax.jit(lambda t, i: initial_rows(init, t, i, 16, 3))(tables, ids)
+    chunked = jax.jit(lambda t, i: initial_rows(init, t, i, 16, 3, chunk_elems=16 * 16 * 37))(tables, ids)
+    np.testing.assert_array_equal(np.asarray(whole).view(np.uint32), np.asarray(chunked).view(np.uint32))

@@ -68,7 +68,12 @@ def row_keys(tables: jax.Array, ids: jax.Array, seed: int) -> jax.Array:
 TRUNCATION_DRAWS = 8
 
 
-def initial_rows(init: Initializer, tables: jax.Array, ids: jax.Array, dim: int, seed: int) -> jax.Array:
+# Largest number of random words drawn at once by `initial_rows` (lanes go in chunks above).
+INIT_CHUNK_ELEMS = 1 << 25
+
+
+def initial_rows(init: Initializer, tables: jax.Array, ids: jax.Array, dim: int, seed: int,
+                 chunk_elems: int = INIT_CHUNK_ELEMS) -> jax.Array:
     """[N, dim] float32 initial values for (tables [N] int32, ids [N] int64).
 
     Bitwise stable across programs: the same (table, id) gets the same bits whatever the
@@ -86,6 +91,22 @@ def initial_rows(init: Initializer, tables: jax.Array, ids: jax.Array, dim: int,
     n = ids.shape[0]
     if init.kind == "constant":
         return jnp.full((n, dim), init.value, jnp.float32)
+    per_lane = dim * (2 * TRUNCATION_DRAWS if init.kind == "truncated_normal" else 2)
+    chunk = max(1, chunk_elems // per_lane)
+    if n <= chunk:
+        return _initial_rows(init, tables, ids, dim, seed)
+    # Lanes in sequential chunks: the candidate bits of a whole step's lanes at once
+    # would be [N, 2, 8, dim] uint32 (28 GB for 3.5M lanes at dim 128). Each lane's
+    # value depends on its own key only, so chunking changes no bit.
+    k = -(-n // chunk)
+    pad = k * chunk - n
+    t = jnp.pad(tables, (0, pad)).reshape(k, chunk)
+    i = jnp.pad(ids, (0, pad)).reshape(k, chunk)
+    out = jax.lax.map(lambda ti: _initial_rows(init, ti[0], ti[1], dim, seed), (t, i))
+    return out.reshape(k * chunk, dim)[:n]
+
+
+def _initial_rows(init: Initializer, tables: jax.Array, ids: jax.Array, dim: int, seed: int) -> jax.Array:
     keys = row_keys(tables, ids, seed)
     if init.kind in ("uniform", "xavier_uniform"):
         lim = math.sqrt(6.0 / (init.fan_in + dim))
