@@ -77,7 +77,7 @@ def jax_config(w: D.Workload, platform: str):
     return c
 
 
-def jax_batch(w: D.Workload, b: dict, cfg) -> dict:
+def jax_batch(w: D.Workload, b: dict) -> dict:
     """e2e_data batch -> the reader's host layout (raw 64-bit IDs as Ragged columns)."""
     from recis_jax.ragged import Ragged
 
@@ -164,7 +164,7 @@ def run_jax(a) -> dict:
     slots = 1.0 / w.dim if cfg.train.sparse_optimizer == "rowwise_adagrad" else 2.0
     bytes_per_step = statistics.mean(D.sparse_bytes(w, b, slots) for b in host)
     mask = jax.device_put(np.ones(micro.batch, bool))
-    dev = [tuple({"features": jax.device_put(recipe.features.host_transform(jax_batch(micro, p, cfg)["features"])),
+    dev = [tuple({"features": jax.device_put(recipe.features.host_transform(jax_batch(micro, p)["features"])),
                   "mask": mask} for p in split_rows(w, b, accum)) for b in host]
     dev = [d if accum > 1 else d[0] for d in dev]
     del host
@@ -291,8 +291,8 @@ def derive(rows: list[dict]) -> list[dict]:
             bytes_ps = ours["sparse_bytes_per_step"] / w.batch
         else:  # recis-jax failed here: the same bytes from the generated batches
             slots = 1.0 / w.dim if wname.startswith("dcnv2") else 2.0
-            bytes_ps = statistics.mean(D.sparse_bytes(w, D.make_batch(w, dist, i, r0.get("seed", 0)), slots)
-                                       for i in range(w.num_batches) for r0 in group[:1]) / w.batch
+            bytes_ps = statistics.mean(D.sparse_bytes(w, D.make_batch(w, dist, i), slots)
+                                       for i in range(w.num_batches)) / w.batch
         flops_ps = D.dense_flops_per_sample(w)
         bw, peak = probe["copy_gbps"] * 1e9, probe["matmul_tflops"] * 1e12
         bound = 1.0 / max(bytes_ps / bw, flops_ps / peak)

@@ -257,7 +257,7 @@ class CheckpointManager:
         multihost_utils.sync_global_devices(f"recis-jax checkpoint {step}: begin")
         part = save_sparse(tmp, tables, engine, rows_per_file=self.rows_per_file, threads=self.threads,
                            local_only=True)
-        write_json(os.path.join(tmp, "parts", f"process-{me:05d}.json"), part)
+        write_part(os.path.join(tmp, "parts"), part)
         ddir = os.path.join(tmp, DENSE_DIR)
         if dense is not None:
             try:
@@ -267,8 +267,7 @@ class CheckpointManager:
         multihost_utils.sync_global_devices(f"recis-jax checkpoint {step}: written")
         final = self.step_dir(step)
         if me == 0:
-            table_part = _merge_parts([json.load(open(os.path.join(tmp, "parts", f)))
-                                       for f in sorted(os.listdir(os.path.join(tmp, "parts")))])
+            table_part = read_parts(os.path.join(tmp, "parts"))
             dense_part = None
             if dense is not None:
                 fsync_tree(ddir)
@@ -355,6 +354,24 @@ class CheckpointManager:
         out = load_sparse(d, manifest, engine, optimizer, tables=tables, sharded=sharded, threads=self.threads,
                           **load_kwargs)
         return Restored(step, out, dense, manifest.get("meta") or {}, manifest)
+
+
+def write_part(parts_dir: str, part: dict) -> None:
+    """This process's tables part (save_sparse(..., local_only=True)'s entries)."""
+    write_json(os.path.join(parts_dir, f"process-{jax.process_index():05d}.json"), part)
+
+
+def read_parts(parts_dir: str) -> dict:
+    """The merged tables part of every process's `write_part` (after a barrier)."""
+    names = sorted(os.listdir(parts_dir))
+    if len(names) != jax.process_count():
+        raise CheckpointError(f"{parts_dir}: holds {len(names)} parts, expected one per process "
+                              f"({jax.process_count()}): is it on a filesystem every process sees?")
+    parts = []
+    for name in names:
+        with open(os.path.join(parts_dir, name)) as f:
+            parts.append(json.load(f))
+    return _merge_parts(parts)
 
 
 def _merge_parts(parts: list[dict]) -> dict:

@@ -408,14 +408,13 @@ class ShardedTrainer(Trainer):
         process reads all of them back (`load`), keeping the new shards of its own
         devices. Every process decides the same growth (the overflow flags are reduced
         over the mesh) and builds the same shapes, so all re-jit the same program."""
-        import json
         import os
         import shutil
 
         from jax.experimental import multihost_utils
 
-        from recis_jax.checkpoint.manager import _merge_parts
-        from recis_jax.checkpoint.sparse import save_sparse, write_json
+        from recis_jax.checkpoint.manager import read_parts, write_part
+        from recis_jax.checkpoint.sparse import save_sparse
 
         step = int(self.state.step)
         if not self.workdir:
@@ -434,18 +433,9 @@ class ShardedTrainer(Trainer):
         try:
             multihost_utils.sync_global_devices(f"recis-jax grow {step}: begin")
             os.makedirs(parts, exist_ok=True)  # exists unless the workdir is not shared (checked below)
-            write_json(os.path.join(parts, f"process-{me:05d}.json"),
-                       save_sparse(tmp, old, self.sharded, local_only=True))
+            write_part(parts, save_sparse(tmp, old, self.sharded, local_only=True))
             multihost_utils.sync_global_devices(f"recis-jax grow {step}: written")
-            entries = []
-            for f in sorted(os.listdir(parts)):
-                with open(os.path.join(parts, f)) as fh:
-                    entries.append(json.load(fh))
-            if len(entries) != jax.process_count():
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise TrainingError(f"{parts}: holds {len(entries)} parts, expected one per process "
-                                    f"({jax.process_count()}): is the workdir on a filesystem every process sees?")
-            grown = load(tmp, _merge_parts(entries))
+            grown = load(tmp, read_parts(parts))
             multihost_utils.sync_global_devices(f"recis-jax grow {step}: loaded")
         finally:
             if me == 0:
