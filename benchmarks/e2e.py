@@ -140,10 +140,10 @@ def run_jax(a) -> dict:
 
     w = D.WORKLOADS[a.workload]
     platform = jax.default_backend()
-    # dcnv2's batch of 65536 x 214 lookups does not fit one H100 in one pass (the lookup
-    # keeps per-occurrence [N, 128] float32 rows for pooling and its backward: ~95 GB):
-    # it runs as 4 accumulated micro-batches of 16384, one update per 65536 (same math).
-    accum = a.accum or (4 if w.name == "dcnv2" else 1)
+    # One pass per batch by default (dcnv2's 65536 x 214 lookups included: ~31 GB of
+    # temporaries since the row initializer runs over new lanes only); --accum K splits a
+    # batch into K accumulated micro-batches (same math, one update per batch).
+    accum = a.accum or 1
     micro = dataclasses.replace(w, batch=w.batch // accum)
     probe = probes(platform)
     cfg = jax_config(w, platform)
@@ -208,7 +208,7 @@ def run_jax(a) -> dict:
         import resource
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if a.profile:
-        with jax.profiler.trace(a.profile):
+        with jax.profiler.trace(a.profile, create_perfetto_trace=True):
             for _ in range(3):
                 state, m = step(state, dev[i % len(dev)])
                 i += 1

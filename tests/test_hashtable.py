@@ -14,7 +14,7 @@ from recis_jax.embedding import capacity
 from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.dedup import unique_keys
 from recis_jax.embedding.engine import Admission, EmbeddingEngine, EmbeddingOption
-from recis_jax.embedding.initializers import Initializer, initial_rows
+from recis_jax.embedding.initializers import Initializer, initial_rows, write_initial_rows
 from recis_jax.optim.sparse import sparse_adam, sparse_sgd
 from recis_jax.ragged import Ragged
 
@@ -461,13 +461,25 @@ def test_reused_row_starts_with_its_own_count_and_tombstones_are_counted():
     assert int(st.num_tombstones) == int(np.sum(np.asarray(st.slot_state) == ht.TOMBSTONE))
 
 
-@pytest.mark.parametrize("kind", ["truncated_normal", "normal", "uniform", "xavier_uniform"])
-def test_initial_rows_chunked_is_bitwise_unchunked(kind):
-    # a step's lanes are initialized in chunks (memory); no bit may change
+@pytest.mark.parametrize("kind", ["truncated_normal", "normal", "uniform", "xavier_uniform", "constant"])
+@pytest.mark.parametrize("chunk_elems", [16 * 16 * 37, 1 << 25])
+def test_write_initial_rows_new_lanes_only_bitwise(kind, chunk_elems):
+    # The initializer runs over the compacted new lanes in chunks: new rows get exactly
+    # initial_rows' bits, every other row keeps its bits, and no new lane is missed.
     rng = np.random.default_rng(7)
-    ids = jnp.asarray(rng.integers(-2**62, 2**62, 1000))
-    tables = jnp.asarray(rng.integers(0, 3, 1000).astype(np.int32))
-    init = Initializer(kind, std=0.01)
-    whole = jax.jit(lambda t, i: initial_rows(init, t, i, 16, 3))(tables, ids)
-    chunked = jax.jit(lambda t, i: initial_rows(init, t, i, 16, 3, chunk_elems=16 * 16 * 37))(tables, ids)
-    np.testing.assert_array_equal(np.asarray(whole).view(np.uint32), np.asarray(chunked).view(np.uint32))
+    n, r = 1000, 1200
+    ids = jnp.asarray(rng.integers(-2**62, 2**62, n))
+    tables = jnp.asarray(rng.integers(0, 3, n).astype(np.int32))
+    new = rng.random(n) < 0.6
+    new[:5], new[-5:] = True, False  # boundaries
+    targets = np.where(new, rng.permutation(r)[:n], r).astype(np.int32)
+    emb = jnp.asarray(rng.normal(size=(r, 16)).astype(np.float32))
+    init = Initializer(kind, std=0.01, value=0.5)
+    whole = np.asarray(jax.jit(lambda t, i: initial_rows(init, t, i, 16, 3))(tables, ids))
+    write = jax.jit(lambda e, g, t, i, w: write_initial_rows(init, e, g, t, i, w, 3, chunk_elems=chunk_elems))
+    got = np.asarray(write(emb, jnp.asarray(targets), tables, ids, jnp.asarray(new)))
+    expect = np.asarray(emb).copy()
+    expect[targets[new]] = whole[new]
+    np.testing.assert_array_equal(got.view(np.uint32), expect.view(np.uint32))
+    none = np.asarray(write(emb, jnp.asarray(targets), tables, ids, jnp.zeros(n, bool)))
+    np.testing.assert_array_equal(none.view(np.uint32), np.asarray(emb).view(np.uint32))

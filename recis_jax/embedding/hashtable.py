@@ -50,7 +50,7 @@ import numpy as np
 
 from pallas_kernels import dispatch
 from pallas_kernels import hashtable as ph
-from recis_jax.embedding.initializers import Initializer, initial_rows
+from recis_jax.embedding.initializers import Initializer, write_initial_rows
 
 EMPTY, LIVE, TOMBSTONE = 0, 1, 2
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -281,11 +281,10 @@ def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array
     r = state.capacity
     tgt = jnp.where(ok, new_rows, r)
     streams = jnp.asarray(config.stream_ids, jnp.int32)[tables] if config.stream_ids else tables
-    init = _initial_rows_if_new(config, streams, keys, ok)
     slots = {name: v.at[tgt].set(jnp.broadcast_to(state.slot_defaults[name], (n,) + v.shape[1:]), mode="drop")
              for name, v in state.slots.items()}
     state = state._replace(
-        embedding=state.embedding.at[tgt].set(init.astype(state.embedding.dtype), mode="drop"),
+        embedding=write_initial_rows(config.initializer, state.embedding, tgt, streams, keys, ok, config.seed),
         slots=slots,
         row_keys=state.row_keys.at[tgt].set(keys, mode="drop"),
         row_tables=state.row_tables.at[tgt].set(tables, mode="drop"),
@@ -304,22 +303,6 @@ def find_or_insert(config: TableConfig, state: HashTableState, tables: jax.Array
         count=state.count.at[tgt].set(c, mode="drop"),
     )
     return state, InsertResult(rows, found.found, ok, overflow, jnp.where(overflow, 0, num_new))
-
-
-def _initial_rows_if_new(config: TableConfig, streams, keys, ok) -> jax.Array:
-    """[N, dim] initial values of the lanes' rows (only `ok` lanes are written).
-
-    On the CPU the deterministic initializer costs ~1.7 us per lane (8 FMA-free Box-Muller
-    candidates per value for the truncated normal): 80-90% of a DeepFM step
-    (benchmarks/results/e2e_cpu.md). There it is skipped when no lane is new (zeros,
-    never written). On the GPU it is cheap and a conditional would cost a device -> host
-    sync inside the step, so it always runs."""
-    def compute():
-        return initial_rows(config.initializer, streams, keys, config.dim, config.seed)
-
-    if jax.default_backend() != "cpu":
-        return compute()
-    return jax.lax.cond(jnp.any(ok), compute, lambda: jnp.zeros((keys.shape[0], config.dim), jnp.float32))
 
 
 def _claim_slots(state, tables, keys, need, max_probes):
