@@ -497,7 +497,8 @@ def sort_by_row(indices: jax.Array, num_rows: int, valid: jax.Array | None = Non
     if valid is not None:
         ok = ok & valid
     key = jnp.where(ok, indices, num_rows)
-    s_key, order = lax.sort((key, jnp.arange(c, dtype=jnp.int32)), num_keys=1, is_stable=True)
+    s_key, order = lax.sort((key.astype(jnp.uint32), jnp.arange(c, dtype=jnp.int32)), num_keys=1, is_stable=True)
+    s_key = s_key.astype(jnp.int32)  # sorted as unsigned (keys >= 0): a CUB radix sort on the GPU
     splits = jnp.searchsorted(s_key, jnp.arange(num_rows + 1, dtype=jnp.int32), side="left")
     return order, splits.astype(jnp.int32)
 

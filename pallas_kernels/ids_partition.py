@@ -89,7 +89,8 @@ def ids_partition_reference(tables: jax.Array, keys: jax.Array, valid: jax.Array
     n = keys.shape[0]
     lane = jnp.arange(n, dtype=jnp.int32)
     owner = jnp.where(valid, owner_hash(tables, keys, num_shards), num_shards).astype(jnp.int32)
-    s_owner, perm = lax.sort((owner, lane), num_keys=1, is_stable=True)
+    s_owner, perm = lax.sort((owner.astype(jnp.uint32), lane), num_keys=1, is_stable=True)  # unsigned: CUB on GPU
+    s_owner = s_owner.astype(jnp.int32)
     fill = jnp.zeros(num_shards + 1, jnp.int32).at[owner].add(1)
     starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(fill, dtype=jnp.int32)])
     rank = jnp.zeros(n, jnp.int32).at[perm].set(lane - starts[s_owner])

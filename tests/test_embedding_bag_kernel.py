@@ -219,6 +219,49 @@ def test_engine_pooling_kernel_path_matches_xla(monkeypatch):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["reference", "interpret", "pallas"])
+def test_pool_unique_matches_expand_then_pool(monkeypatch, impl):
+    """pool_unique (bags straight from unique rows) == pool(expand(...)) per feature:
+    pooled sums and the gradients w.r.t. the unique rows and the weights, for two
+    features sharing one lookup (duplicates across them, empty bags, padding lanes,
+    invalid lanes, with and without weights)."""
+    from recis_jax.embedding import dedup, pooling
+
+    if impl == "pallas" and not ON_GPU:
+        pytest.skip("compiled kernel: GPU only")
+    monkeypatch.setenv(dispatch.ENV_VAR, impl)
+    rng = np.random.default_rng(5)
+    (sa, ca), (sb, cb) = make_bags(rng, LENS, extra=3), make_bags(rng, [2, 0, 5, 1], extra=1)
+    n = ca + cb
+    keys = rng.integers(0, 9, n).astype(np.int64)
+    valid = np.concatenate([np.arange(ca) < sa[-1], np.arange(cb) < sb[-1]])
+    u = dedup.unique_keys(jnp.zeros(n, jnp.int32), jnp.asarray(keys), jnp.asarray(valid))
+    rid = [np.searchsorted(sp[1:], np.arange(c), side="right").astype(np.int32) for sp, c in ((sa, ca), (sb, cb))]
+    rows = jnp.asarray(rng.standard_normal((n, 8)), jnp.float32)
+    wa = jnp.asarray(rng.random(ca), jnp.float32)
+    splits = [jnp.asarray(sa), jnp.asarray(sb)]
+
+    def scale(out):
+        return jnp.sum(out * jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape))
+
+    def fused(rows, wa):
+        outs = pooling.pool_unique(rows, u.inverse, u.order, u.sorted_segment,
+                                   [(splits[0], jnp.asarray(rid[0]), wa), (splits[1], jnp.asarray(rid[1]), None)])
+        return sum(scale(o) for o in outs), outs
+
+    def unfused(rows, wa):
+        occ = pooling.expand(rows, u.inverse, u.order, u.sorted_segment)
+        outs = [pooling.pool(occ[:ca], splits[0], jnp.asarray(rid[0]), wa, "sum"),
+                pooling.pool(occ[ca:], splits[1], jnp.asarray(rid[1]), None, "sum")]
+        return sum(scale(o) for o in outs), outs
+
+    got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(rows, wa)
+    want = jax.jit(jax.value_and_grad(unfused, argnums=(0, 1), has_aux=True))(rows, wa)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(got[1][0]).sum()) > 0 and float(jnp.abs(got[1][1]).sum()) > 0
+
+
 def test_dispatch_defaults_to_reference_on_cpu(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     if ON_GPU:

@@ -12,7 +12,7 @@ import pytest
 import recis_jax  # noqa: F401  (x64)
 from recis_jax.embedding import capacity
 from recis_jax.embedding import hashtable as ht
-from recis_jax.embedding.dedup import unique_keys
+from recis_jax.embedding.dedup import sort_by_table_and_key, unique_keys
 from recis_jax.embedding.engine import Admission, EmbeddingEngine, EmbeddingOption
 from recis_jax.embedding.initializers import Initializer, initial_rows, write_initial_rows
 from recis_jax.optim.sparse import sparse_adam, sparse_sgd
@@ -365,6 +365,20 @@ def test_counts_are_occurrences_before_dedup():
     assert dict(zip(e["ids"].tolist(), e["count"].tolist())) == {3: 1, 5: 5, 7: 1}
     st, _ = find_or_insert(cfg, st, u.tables, u.keys, u.valid, u.counts)
     assert dict(zip(ht.export(st)["ids"].tolist(), ht.export(st)["count"].tolist())) == {3: 2, 5: 10, 7: 2}
+
+
+@pytest.mark.parametrize("n", [0, 1, 300])
+def test_sort_by_table_and_key_is_a_stable_lexsort(n):
+    """The two one-key sorts give a stable (table, key) sort: duplicates keep lane order;
+    int64 extremes and the invalid-table sentinel sort in place."""
+    rng = np.random.default_rng(n)
+    keys = np.where(rng.random(n) < 0.3, rng.choice(SPECIAL, n), rng.integers(-5, 5, n)).astype(np.int64)
+    tables = rng.choice(np.array([0, 1, 2, np.iinfo(np.int32).max], np.int32), n)
+    s_t, s_k, order = jax.jit(sort_by_table_and_key)(jnp.asarray(tables), jnp.asarray(keys))
+    want = np.lexsort((keys, tables))  # stable
+    np.testing.assert_array_equal(np.asarray(order), want)
+    np.testing.assert_array_equal(np.asarray(s_t), tables[want])
+    np.testing.assert_array_equal(np.asarray(s_k), keys[want])
 
 
 def test_admission_through_engine_on_third_occurrence():

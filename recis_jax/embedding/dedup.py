@@ -48,7 +48,7 @@ def unique_keys(tables: jax.Array, keys: jax.Array, valid: jax.Array) -> Unique:
     lane = jnp.arange(n, dtype=jnp.int32)
     t_key = jnp.where(valid, tables.astype(jnp.int32), _INVALID_TABLE)
     # Stable: equal keys keep lane order, so gradient sums add in a fixed order.
-    s_t, s_k, order = jax.lax.sort((t_key, keys.astype(jnp.int64), lane), num_keys=2, is_stable=True)
+    s_t, s_k, order = sort_by_table_and_key(t_key, keys.astype(jnp.int64))
     s_valid = s_t != _INVALID_TABLE
     new = jnp.concatenate([jnp.ones(1, bool), (s_t[1:] != s_t[:-1]) | (s_k[1:] != s_k[:-1])]) if n else s_valid
     first = s_valid & new
@@ -61,6 +61,23 @@ def unique_keys(tables: jax.Array, keys: jax.Array, valid: jax.Array) -> Unique:
     num_unique = jnp.sum(first, dtype=jnp.int32)
     inverse = jnp.zeros(n, jnp.int32).at[order].set(jnp.where(s_valid, seg, 0))
     return Unique(u_t, u_k, lane < num_unique, counts, inverse, order, seg, num_unique)
+
+
+def sort_by_table_and_key(tables: jax.Array, keys: jax.Array):
+    """Stable sort of lanes by (tables [N] int32 >= 0, keys [N] int64).
+
+    Returns (sorted tables, sorted keys, order [N] int32: the lanes in sorted order).
+    Two stable one-key sorts, least significant key first, rather than one two-key sort:
+    XLA:GPU runs a one-key sort of unsigned keys with one value as a CUB radix sort but a
+    two-key sort as its own comparison sort (14 ms for 14M lanes on an H100, the largest
+    kernel of a DLRM-dcnv2 step); on the CPU the two passes are also ~2x faster.
+    """
+    lane = jnp.arange(keys.shape[0], dtype=jnp.int32)
+    # int64 -> uint64 keeping the order: flip the sign bit.
+    k_u = jax.lax.bitcast_convert_type(keys, jnp.uint64) ^ jnp.uint64(1 << 63)
+    _, by_key = jax.lax.sort((k_u, lane), num_keys=1, is_stable=True)
+    _, order = jax.lax.sort((tables.astype(jnp.uint32)[by_key], by_key), num_keys=1, is_stable=True)
+    return tables[order], keys[order], order
 
 
 def sorted_segment_sum(data: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:

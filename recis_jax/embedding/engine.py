@@ -37,7 +37,7 @@ from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.dedup import Unique, sorted_segment_sum, unique_keys
 from recis_jax.embedding.eviction import EvictionPolicy, maybe_evict
 from recis_jax.embedding.initializers import Initializer
-from recis_jax.embedding.pooling import COMBINERS, expand, pool
+from recis_jax.embedding.pooling import COMBINERS, expand, mean_of_sum, pool, pool_unique
 from recis_jax.features.functional import table_id_pairs
 from recis_jax.ragged import Ragged
 
@@ -282,12 +282,20 @@ class EmbeddingEngine:
         out = {}
         for pname, members in self.members.items():
             lk = lookup.tables[pname]
-            occ = expand(rows[pname], lk.unique.inverse, lk.unique.order, lk.unique.sorted_segment)
-            start = 0
-            for m in members:
-                r = _ragged(features, m.feature)
-                sl = occ[start:start + r.capacity]
-                start += r.capacity
+            u = lk.unique
+            layouts = [_ragged(features, m.feature) for m in members]
+            if all(m.option.combiner in ("sum", "mean") for m in members):
+                # Bags straight from the unique rows (no [N, dim] occurrence rows).
+                ws = [r.weights if (m.option.use_weights and r.weights is not None) else None
+                      for m, r in zip(members, layouts)]
+                sums = pool_unique(rows[pname], u.inverse, u.order, u.sorted_segment,
+                                   [(r.row_splits, r.value_rowids(), w) for r, w in zip(layouts, ws)])
+                for m, r, w, s in zip(members, layouts, ws, sums):
+                    out[m.feature] = mean_of_sum(s, r.value_rowids(), w) if m.option.combiner == "mean" else s
+                continue
+            occ = expand(rows[pname], u.inverse, u.order, u.sorted_segment)
+            # lax.split: its transpose is one concatenate (slices would transpose to a sum of pads).
+            for m, r, sl in zip(members, layouts, jax.lax.split(occ, [r.capacity for r in layouts])):
                 w = r.weights if (m.option.use_weights and r.weights is not None) else None
                 out[m.feature] = pool(sl, r.row_splits, r.value_rowids(), w, m.option.combiner, m.option.length)
         return out

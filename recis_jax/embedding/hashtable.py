@@ -333,8 +333,10 @@ def _claim_slots(state, tables, keys, need, max_probes):
         claimed = jnp.sort(jnp.where(placed >= 0, placed, none))  # [N]
         j = jnp.minimum(jnp.searchsorted(claimed, pos), n - 1)
         free = active & (st != LIVE) & (claimed[j] != pos)
-        key, by_lane = jax.lax.sort((jnp.where(free, pos, none), lane), num_keys=2)
-        first = (key != none) & jnp.concatenate([jnp.ones(1, bool), key[1:] != key[:-1]])
+        # Stable one-key sort of unsigned keys (slots >= 0): a CUB radix sort on the GPU.
+        key, by_lane = jax.lax.sort((jnp.where(free, pos, none).astype(jnp.uint32), lane), num_keys=1,
+                                    is_stable=True)
+        first = (key != jnp.uint32(none)) & jnp.concatenate([jnp.ones(1, bool), key[1:] != key[:-1]])
         won = jnp.zeros(n, bool).at[by_lane].set(first)
         active = active & ~won
         return (i + 1, jnp.where(active, (pos + 1) & (s - 1), pos), active, jnp.where(won, pos, placed),

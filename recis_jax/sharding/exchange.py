@@ -42,7 +42,9 @@ def plan(owner: jax.Array, valid: jax.Array, num_shards: int, capacity: int) -> 
     n = owner.shape[0]
     lane = jnp.arange(n, dtype=jnp.int32)
     key = jnp.where(valid, owner, num_shards)  # invalid lanes sort last, in their own bucket
-    s_key, s_lane = jax.lax.sort((key, lane), num_keys=2)
+    # Stable one-key sort of unsigned keys: a CUB radix sort on the GPU (two keys are not).
+    s_key, s_lane = jax.lax.sort((key.astype(jnp.uint32), lane), num_keys=1, is_stable=True)
+    s_key = s_key.astype(jnp.int32)
     fill = jnp.zeros(num_shards + 1, jnp.int32).at[key].add(1)
     start = jnp.cumsum(fill) - fill
     pos = jnp.zeros(n, jnp.int32).at[s_lane].set(lane - start[s_key])
