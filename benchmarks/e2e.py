@@ -28,7 +28,14 @@ MBU = bytes moved / step time / copy bandwidth; MFU = dense FLOPs / step time / 
 The JAX process also times the dense model's train step alone (pooled inputs given):
 the rest of the step is the sparse part (the profile split in the table).
 
-Writes DIR/e2e_<tag>.json and .md and DIR/e2e_<tag>.png (tag: h100 / cpu by default).
+Writes DIR/e2e_<tag>.json and .md and DIR/e2e_<tag>.png (tag: the GPU model, e.g. h200, or cpu).
+
+Profile of one recis-jax run (3 steps; kernels attributed to JAX source lines):
+
+    XLA_FLAGS="--xla_gpu_enable_command_buffer= --xla_dump_to=H --xla_dump_hlo_as_text \
+      --xla_dump_hlo_module_re=.*train_step.*" python benchmarks/e2e.py --one --device gpu \
+      --workload dcnv2 --dist uniform --result r.json --profile T
+    python benchmarks/trace_summary.py T --hlo H
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -140,9 +148,9 @@ def run_jax(a) -> dict:
 
     w = D.WORKLOADS[a.workload]
     platform = jax.default_backend()
-    # One pass per batch by default (dcnv2's 65536 x 214 lookups included: ~31 GB of
-    # temporaries since the row initializer runs over new lanes only); --accum K splits a
-    # batch into K accumulated micro-batches (same math, one update per batch).
+    # One pass per batch by default (dcnv2's 65536 x 214 lookups included: 29.7 GB peak on
+    # an H200, tables and optimizer state included); --accum K splits a batch into K
+    # accumulated micro-batches (same math, one update per batch).
     accum = a.accum or 1
     micro = dataclasses.replace(w, batch=w.batch // accum)
     probe = probes(platform)
@@ -455,7 +463,8 @@ def main() -> None:
     merged = [json.loads(pathlib.Path(f).read_text()) for f in filter(None, a.merge.split(","))]
     info = merged[0]["env"] if merged and not workloads else common.env_info(with_jax=False)
     a.torch_version = next((r.get("torch") for r in ok if r.get("framework") == "torch"), None)
-    tag = a.tag or ("h100" if gpu and "H100" in str(info.get("gpu_name")) else ("gpu" if gpu else "cpu"))
+    model = re.search(r"\b([A-Z]\d{2,4})\b", str(info.get("gpu_name")))  # "NVIDIA H200" -> h200
+    tag = a.tag or ((model.group(1).lower() if model else "gpu") if gpu else "cpu")
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"e2e_{tag}.json").write_text(json.dumps({"env": info, "args": vars(a), "derived": derived, "runs": rows},
