@@ -1,6 +1,6 @@
 """Dedup of (table, id) keys and deterministic sorted-segment sums.
 
-Both are the reference (XLA) paths of the sparse step: one sort gives the unique keys,
+Both are the reference (XLA) paths of the sparse step: one stable sort (two radix passes) gives the unique keys,
 each occurrence's unique index, and the sorted order that the backward pass reuses to
 reduce gradients without float atomics.
 """
@@ -42,7 +42,7 @@ def unique_keys(tables: jax.Array, keys: jax.Array, valid: jax.Array) -> Unique:
 
     Any int64 is a key: invalid lanes are sorted last through their *table index*
     (set to INT32_MAX, never a real table index), not through a sentinel ID. That keeps
-    the sort at two keys (a third key flag made it ~4x slower on CPU).
+    the sort on (table, id) alone (a third key, a validity flag, made it ~4x slower on CPU).
     """
     n = keys.shape[0]
     lane = jnp.arange(n, dtype=jnp.int32)
