@@ -1,8 +1,8 @@
 """Dedup of (table, id) keys and deterministic sorted-segment sums.
 
-Both are the reference (XLA) paths of the sparse step: one stable sort (two radix passes) gives the unique keys,
-each occurrence's unique index, and the sorted order that the backward pass reuses to
-reduce gradients without float atomics.
+Both are the reference (XLA) paths of the sparse step: one stable sort (two radix passes
+on the GPU) gives the unique keys, each occurrence's unique index, and the sorted order
+that the backward pass reuses to reduce gradients without float atomics.
 """
 
 from __future__ import annotations
