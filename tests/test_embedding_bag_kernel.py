@@ -276,3 +276,16 @@ def test_default_config_shapes():
         cfg = eb.default_config(d)
         assert all(eb._is_pow2(v) for v in (cfg.rows, cfg.lanes, cfg.combine_rows))
         assert cfg.piece % cfg.rows == 0
+
+
+@pytest.mark.skipif(not ON_GPU, reason="compiled kernel on a > 2**31-element source: GPU only")
+def test_compiled_gather_past_int32_element_offsets():
+    """Rows of a > 2**31-element source (17M x 128) past row 16,777,216 are gathered
+    right (passed on an H200, 2026-11-28)."""
+    r, d = 17_000_000, 128
+    src = jnp.arange(r, dtype=jnp.float32)[:, None] + jnp.zeros((1, d), jnp.float32)
+    splits = jnp.asarray([0, 2, 4], jnp.int32)
+    idx = jnp.asarray([16_999_999, 16_777_300, 3, 10_000_000], jnp.int32)
+    got = eb.segment_gather_sum(src, splits, idx, impl="pallas")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(eb.segment_gather_sum(src, splits, idx,
+                                                                                   impl="reference")))

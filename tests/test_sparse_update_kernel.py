@@ -152,3 +152,20 @@ def test_default_config():
     for d in (1, 16, 64, 128, 4096):
         c = su.default_config(d)
         assert c.lanes >= 1 and c.lanes & (c.lanes - 1) == 0
+
+
+def _sgd(p, slots, g, lr, t):
+    return p - lr * g, slots
+
+
+@pytest.mark.skipif(not ON_GPU, reason="compiled kernel on a > 2**31-element table: GPU only")
+def test_compiled_update_past_int32_element_offsets():
+    """A DLRM-sized merged table has more than 2**31 elements (17M rows x 128): rows past
+    row 16,777,216 must be updated in place, nothing else touched (passed on an H200,
+    2026-11-28)."""
+    r, d = 17_000_000, 128
+    rows = jnp.asarray([5, 10_000_000, 16_777_300, 16_999_999], jnp.int32)
+    out, _ = su.sparse_update(_sgd, jnp.zeros((r, d), jnp.float32), {}, rows, jnp.ones((4, d), jnp.float32),
+                              jnp.ones(4, bool), jnp.float32(0.5), jnp.int32(1), impl="pallas")
+    np.testing.assert_array_equal(np.asarray(out[rows]), -0.5)
+    assert float(jnp.sum(out)) == -0.5 * 4 * d
