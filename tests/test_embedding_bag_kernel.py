@@ -281,7 +281,7 @@ def test_default_config_shapes():
 @pytest.mark.skipif(not ON_GPU, reason="compiled kernel on a > 2**31-element source: GPU only")
 def test_compiled_gather_past_int32_element_offsets():
     """Rows of a > 2**31-element source (17M x 128) past row 16,777,216 are gathered
-    right (passed on an H200, 2026-11-28)."""
+    right (the same calls passed as a script on an H200, 2026-11-28)."""
     r, d = 17_000_000, 128
     src = jnp.arange(r, dtype=jnp.float32)[:, None] + jnp.zeros((1, d), jnp.float32)
     splits = jnp.asarray([0, 2, 4], jnp.int32)

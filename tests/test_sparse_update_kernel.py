@@ -161,7 +161,8 @@ def _sgd(p, slots, g, lr, t):
 @pytest.mark.skipif(not ON_GPU, reason="compiled kernel on a > 2**31-element table: GPU only")
 def test_compiled_update_past_int32_element_offsets():
     """A DLRM-sized merged table has more than 2**31 elements (17M rows x 128): rows past
-    row 16,777,216 must be updated in place, nothing else touched (passed on an H200,
+    row 16,777,216 must be updated in place, nothing else touched (the same calls passed
+    as a script on an H200,
     2026-11-28)."""
     r, d = 17_000_000, 128
     rows = jnp.asarray([5, 10_000_000, 16_777_300, 16_999_999], jnp.int32)
