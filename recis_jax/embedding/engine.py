@@ -278,7 +278,9 @@ class EmbeddingEngine:
 
     def pool(self, rows: dict[str, jax.Array], lookup: Lookup, features: dict[str, Ragged]) -> dict:
         """{feature: pooled output} from the per-table rows ([N, dim] float32, the
-        differentiable input). Output shapes follow each feature's combiner."""
+        differentiable input). Output shapes follow each feature's combiner. A table whose
+        features all sum or mean pools straight from its unique rows (`pool_unique`);
+        others expand to per-occurrence rows first."""
         out = {}
         for pname, members in self.members.items():
             lk = lookup.tables[pname]
