@@ -93,14 +93,12 @@ def load_hlo_sources(hlo_dir: pathlib.Path | None, depth: int = 3) -> dict[str, 
 
 def summarise(events: list[dict], sources: dict[str, str], steps: int) -> dict:
     by_kernel, by_source = collections.Counter(), collections.Counter()
-    calls = collections.Counter()
     for e in events:
         args = e.get("args") or {}
         op = args.get("hlo_op") or e["name"]
         if op == "command_buffer":  # a CUDA graph of kernels: the kernel is named after its HLO op
             op = e["name"]
         by_kernel[re.sub(r"[._]\d+$", "", op) + " | " + e["name"][:60]] += e["dur"]
-        calls[op] += 1
         by_source[sources.get(op, "(no source: " + re.sub(r"[._]\d+$", "", op) + ")")] += e["dur"]
     total = sum(by_kernel.values())
     per = lambda c: [(k, v / steps / 1e3, v / total) for k, v in c.most_common()]  # noqa: E731

@@ -12,7 +12,8 @@ import pytest
 import recis_jax  # noqa: F401  (x64)
 from recis_jax.embedding import capacity
 from recis_jax.embedding import hashtable as ht
-from recis_jax.embedding.dedup import sort_by_table_and_key, unique_keys
+from recis_jax.embedding.dedup import unique_keys
+from recis_jax.sorting import sort_by_table_and_key
 from recis_jax.embedding.engine import Admission, EmbeddingEngine, EmbeddingOption
 from recis_jax.embedding.initializers import Initializer, initial_rows, write_initial_rows
 from recis_jax.optim.sparse import sparse_adam, sparse_sgd

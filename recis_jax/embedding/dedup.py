@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from recis_jax.sorting import sort_by_table_and_key
+
 
 _INVALID_TABLE = jnp.iinfo(jnp.int32).max
 
@@ -61,23 +63,6 @@ def unique_keys(tables: jax.Array, keys: jax.Array, valid: jax.Array) -> Unique:
     num_unique = jnp.sum(first, dtype=jnp.int32)
     inverse = jnp.zeros(n, jnp.int32).at[order].set(jnp.where(s_valid, seg, 0))
     return Unique(u_t, u_k, lane < num_unique, counts, inverse, order, seg, num_unique)
-
-
-def sort_by_table_and_key(tables: jax.Array, keys: jax.Array):
-    """Stable sort of lanes by (tables [N] int32 >= 0, keys [N] int64).
-
-    Returns (sorted tables, sorted keys, order [N] int32: the lanes in sorted order).
-    Two stable one-key sorts, least significant key first, rather than one two-key sort:
-    XLA:GPU runs a one-key sort of unsigned keys with one value as a CUB radix sort but a
-    two-key sort as its own comparison sort (14 ms for 14M lanes on an H100, the largest
-    kernel of a DLRM-dcnv2 step); on the CPU the two passes are also ~2x faster.
-    """
-    lane = jnp.arange(keys.shape[0], dtype=jnp.int32)
-    # int64 -> uint64 keeping the order: flip the sign bit.
-    k_u = jax.lax.bitcast_convert_type(keys, jnp.uint64) ^ jnp.uint64(1 << 63)
-    _, by_key = jax.lax.sort((k_u, lane), num_keys=1, is_stable=True)
-    _, order = jax.lax.sort((tables.astype(jnp.uint32)[by_key], by_key), num_keys=1, is_stable=True)
-    return tables[order], keys[order], order
 
 
 def sorted_segment_sum(data: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:

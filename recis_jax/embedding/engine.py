@@ -290,10 +290,11 @@ class EmbeddingEngine:
                 # Bags straight from the unique rows (no [N, dim] occurrence rows).
                 ws = [r.weights if (m.option.use_weights and r.weights is not None) else None
                       for m, r in zip(members, layouts)]
+                rowids = [r.value_rowids() for r in layouts]
                 sums = pool_unique(rows[pname], u.inverse, u.order, u.sorted_segment,
-                                   [(r.row_splits, r.value_rowids(), w) for r, w in zip(layouts, ws)])
-                for m, r, w, s in zip(members, layouts, ws, sums):
-                    out[m.feature] = mean_of_sum(s, r.value_rowids(), w) if m.option.combiner == "mean" else s
+                                   [(r.row_splits, rid, w) for r, rid, w in zip(layouts, rowids, ws)])
+                for m, rid, w, s in zip(members, rowids, ws, sums):
+                    out[m.feature] = mean_of_sum(s, rid, w) if m.option.combiner == "mean" else s
                 continue
             occ = expand(rows[pname], u.inverse, u.order, u.sorted_segment)
             # lax.split: its transpose is one concatenate (slices would transpose to a sum of pads).

@@ -32,6 +32,7 @@ from jax import lax
 
 import recis_jax  # noqa: F401  (enables x64: IDs are int64)
 from pallas_kernels import bucketize as _bucketize_kernel
+from recis_jax.sorting import sort_by_table_and_key
 from recis_jax.ragged import Ragged, splits_dtype
 
 HASH_KINDS = ("farm", "murmur")
@@ -311,14 +312,13 @@ def _row_distinct(r: Ragged):
     cap, nrows = r.capacity, r.nrows
     rows = r.value_rowids()  # padding -> nrows, so it sorts after every live value
     vals = r.values.astype(jnp.int64)
-    operands = [rows, vals] + ([r.weights.astype(jnp.float32)] if r.weights is not None else [])
-    srt = lax.sort(tuple(operands), num_keys=2, is_stable=True)
-    s_rows, s_vals = srt[0], srt[1]
+    s_rows, s_vals, order = sort_by_table_and_key(rows, vals)
     new_run = jnp.concatenate([jnp.ones(1, bool), (s_rows[1:] != s_rows[:-1]) | (s_vals[1:] != s_vals[:-1])])
     first = new_run & (s_rows < nrows)
     dest = jnp.where(first, jnp.cumsum(first) - 1, cap)  # cap = dropped
     out_vals = jnp.zeros(cap, jnp.int64).at[dest].set(s_vals, mode="drop")
-    out_w = None if r.weights is None else jnp.zeros(cap, jnp.float32).at[dest].set(srt[2], mode="drop")
+    out_w = None if r.weights is None else jnp.zeros(cap, jnp.float32).at[dest].set(
+        r.weights.astype(jnp.float32)[order], mode="drop")
     counts = jax.ops.segment_sum(first.astype(jnp.int32), s_rows, num_segments=nrows)
     starts = jnp.cumsum(counts) - counts
     return out_vals, out_w, counts, starts
