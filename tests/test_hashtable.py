@@ -325,6 +325,50 @@ def test_overflow_probes_exhausted_leaves_state_bit_identical():
     assert_identical(st4, st3)
 
 
+def _claim_oracle(state, homes, need, max_probes):
+    """Sequential model of the claim rounds: per round, each active lane probes its
+    slot; a non-LIVE slot not placed earlier in the call goes to the lowest lane
+    probing it, the others move on."""
+    st = np.asarray(state.slot_state)
+    s, n = st.shape[0], homes.shape[0]
+    pos, active = homes.copy(), need.copy()
+    placed, tomb = np.full(n, -1), np.zeros(n, bool)
+    for _ in range(max_probes):
+        if not active.any():
+            break
+        taken = set(placed[placed >= 0].tolist())
+        winners = {}
+        for i in np.flatnonzero(active):
+            if st[pos[i]] != ht.LIVE and pos[i] not in taken and pos[i] not in winners:
+                winners[pos[i]] = i
+        for p_, i in winners.items():
+            placed[i], tomb[i], active[i] = p_, st[p_] == ht.TOMBSTONE, False
+        pos = np.where(active, (pos + 1) % s, pos)
+    return placed, tomb, bool(active.any())
+
+
+@pytest.mark.parametrize("n,crowd", [(64, 16), (512, 64), (512, 400)])
+def test_claim_slots_matches_sequential_rounds(n, crowd):
+    # Keys crowd into a few home slots of a half-full index with tombstones, so the
+    # rounds run long, lanes contend, and (crowd 400) the rounds over all lanes hand
+    # over to the compacted lanes at different points.
+    rng = np.random.default_rng(n + crowd)
+    s = 1024
+    state = rng.choice([ht.EMPTY, ht.LIVE, ht.TOMBSTONE], s, p=[0.45, 0.45, 0.1]).astype(np.int8)
+    index = ht.create(CFG, 8, num_slots=s)._replace(slot_state=jnp.asarray(state))
+    keys = np.concatenate([keys_with_home(s, int(h), 1 + n // crowd) for h in rng.integers(0, s, crowd)])[:n]
+    keys = np.concatenate([keys, rng.integers(0, 2**40, n - len(keys))])
+    need = rng.random(n) < 0.9
+    homes = np.asarray(ht.home_slot(jnp.zeros(n, jnp.int32), jnp.asarray(keys), s))
+    for max_probes in (8, 128):
+        got = jax.jit(ht._claim_slots, static_argnums=4)(index, jnp.zeros(n, jnp.int32), jnp.asarray(keys),
+                                                        jnp.asarray(need), max_probes)
+        want = _claim_oracle(index, homes, need, max_probes)
+        np.testing.assert_array_equal(np.asarray(got[0]), want[0])
+        np.testing.assert_array_equal(np.asarray(got[1]), want[1])
+        assert bool(got[2]) == want[2]
+
+
 # -- deterministic values -------------------------------------------------------------------
 
 
@@ -498,3 +542,22 @@ def test_write_initial_rows_new_lanes_only_bitwise(kind, chunk_elems):
     np.testing.assert_array_equal(got.view(np.uint32), expect.view(np.uint32))
     none = np.asarray(write(emb, jnp.asarray(targets), tables, ids, jnp.zeros(n, bool)))
     np.testing.assert_array_equal(none.view(np.uint32), np.asarray(emb).view(np.uint32))
+
+
+@pytest.mark.parametrize("kind,dist", [("truncated_normal", "truncnorm"), ("normal", "norm"),
+                                       ("xavier_normal", "norm"), ("uniform", "uniform")])
+def test_initial_rows_follow_their_distribution(kind, dist):
+    # 500k values (an odd dim, so Box-Muller's cos / sin halves split unevenly) pass a
+    # Kolmogorov-Smirnov test, and neighbouring columns are uncorrelated.
+    from scipy import stats
+
+    n, dim = 20000, 25
+    init = Initializer(kind, mean=0.5, std=2.0, a=-1.5, b=2.0, minval=-1.0, maxval=3.0)
+    x = np.asarray(jax.jit(lambda t, i: initial_rows(init, t, i, dim, 11))(
+        jnp.zeros(n, jnp.int32), jnp.arange(n, dtype=jnp.int64)))
+    ref = {"truncnorm": stats.truncnorm(-1.5, 2.0, loc=0.5, scale=2.0),
+           "norm": stats.norm(0.5, 2.0) if kind == "normal" else stats.norm(0, np.sqrt(2 / (1 + dim))),
+           "uniform": stats.uniform(-1.0, 4.0)}[dist]
+    assert stats.kstest(x.ravel(), ref.cdf).pvalue > 1e-4
+    corr = np.corrcoef(x.T)[np.triu_indices(dim, 1)]
+    assert np.abs(corr).max() < 0.04

@@ -310,40 +310,64 @@ def _claim_slots(state, tables, keys, need, max_probes):
 
     Reads the index but does not write it: the probe loop carries only [N] arrays
     (carrying the [S] index through a while loop made XLA copy it every call, O(S)
-    work per step). Slots taken earlier in this call are tracked in the lanes' own
-    `placed` array (sorted + searchsorted each round), and lanes contending for one slot
-    in a round are resolved by a sort: the lowest lane wins. Every lane lands within
-    `max_probes` slots of home, where `find` looks.
+    work per step). Each round is one stable sort of the lanes' slots of interest: the
+    slot a lane placed earlier in this call (it blocks the slot) or the non-LIVE slot an
+    active lane probes. Per slot, a placed lane sorts first (key 2 * slot), then the
+    active lanes in lane order (key 2 * slot + 1): the first of a run wins the slot if
+    it is active. Every lane lands within `max_probes` slots of home, where `find` looks.
+
+    Most lanes are placed in the first round or two, while the longest probe chain sets
+    the number of rounds (10-20), so once at most N / 8 lanes are active the rest run
+    over those lanes compacted (in lane order: the same winners), with the slots placed
+    so far looked up in one sorted array.
 
     Returns (placed int32 [N]: slot per lane or -1, was_tombstone bool [N]: the placed
     slot held a tombstone, overflow: a need lane found none).
     """
     s = state.num_slots
     n = keys.shape[0]
-    lane = jnp.arange(n, dtype=jnp.int32)
-    none = jnp.int32(np.iinfo(np.int32).max)
+    m = max(1, -(-n // 8))
+    # Unsigned keys 2 * slot + active (a one-key sort: CUB radix on a GPU); 64-bit past
+    # 2^30 slots, where 2 * slot + 1 would reach the "no slot" key.
+    kt = jnp.uint32 if s <= (1 << 30) else jnp.uint64
+    none = jnp.asarray(np.iinfo(kt).max, kt)
 
-    def cond(c):
-        i, _, active, _, _ = c
-        return (i < max_probes) & (jnp.sum(active) > 0)
+    def rounds(c, until, blocked):
+        """Probe rounds over c's lanes while some are active and `until(active)`."""
+        lane = jnp.arange(c[1].shape[0], dtype=jnp.int32)
 
-    def body(c):
-        i, pos, active, placed, tomb = c
-        st = state.slot_state[pos]
-        claimed = jnp.sort(jnp.where(placed >= 0, placed, none))  # [N]
-        j = jnp.minimum(jnp.searchsorted(claimed, pos), n - 1)
-        free = active & (st != LIVE) & (claimed[j] != pos)
-        # Stable one-key sort of unsigned keys (slots >= 0): a CUB radix sort on the GPU.
-        key, by_lane = jax.lax.sort((jnp.where(free, pos, none).astype(jnp.uint32), lane), num_keys=1,
-                                    is_stable=True)
-        first = (key != jnp.uint32(none)) & jnp.concatenate([jnp.ones(1, bool), key[1:] != key[:-1]])
-        won = jnp.zeros(n, bool).at[by_lane].set(first)
-        active = active & ~won
-        return (i + 1, jnp.where(active, (pos + 1) & (s - 1), pos), active, jnp.where(won, pos, placed),
-                tomb | (won & (st == TOMBSTONE)))
+        def body(c):
+            i, pos, active, placed, tomb = c
+            st = state.slot_state[pos]
+            cand = active & (st != LIVE) & ~blocked(pos)
+            key = jnp.where(placed >= 0, placed.astype(kt) * kt(2),
+                            jnp.where(cand, pos.astype(kt) * kt(2) + kt(1), none))
+            key, by_lane = jax.lax.sort((key, lane), num_keys=1, is_stable=True)
+            first = jnp.concatenate([jnp.ones(1, bool), (key[1:] >> kt(1)) != (key[:-1] >> kt(1))])
+            won = jnp.zeros(lane.shape, bool).at[by_lane].set(first & (key != none) & ((key & kt(1)) == kt(1)))
+            active = active & ~won
+            return (i + 1, jnp.where(active, (pos + 1) & (s - 1), pos), active, jnp.where(won, pos, placed),
+                    tomb | (won & (st == TOMBSTONE)))
+
+        return jax.lax.while_loop(lambda c: (c[0] < max_probes) & jnp.any(c[2]) & until(c[2]), body, c)
 
     init = (jnp.int32(0), home_slot(tables, keys, s), need, jnp.full(n, -1, jnp.int32), jnp.zeros(n, bool))
-    _, _, active, placed, tomb = jax.lax.while_loop(cond, body, init)
+    i, pos, active, placed, tomb = rounds(init, lambda a: jnp.sum(a, dtype=jnp.int32) > m, lambda p: False)
+    # The (at most m) active lanes, in lane order; padding lanes point at lane n (dropped).
+    rank = jnp.cumsum(active, dtype=jnp.int32) - 1
+    sub = jnp.full(m, n, jnp.int32).at[jnp.where(active, rank, m)].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+    taken = jnp.sort(jnp.where(placed >= 0, placed, np.iinfo(np.int32).max))  # [N] slots placed so far
+
+    def blocked(p):
+        return taken[jnp.minimum(jnp.searchsorted(taken, p), n - 1)] == p
+
+    live = sub < n
+    subc = jnp.minimum(sub, n - 1)
+    c = (i, pos[subc], live, jnp.full(m, -1, jnp.int32), jnp.zeros(m, bool))
+    _, _, sub_active, sub_placed, sub_tomb = rounds(c, lambda a: True, blocked)
+    placed = placed.at[sub].set(sub_placed, mode="drop")
+    tomb = tomb.at[sub].set(sub_tomb, mode="drop")
+    active = active.at[sub].set(sub_active, mode="drop")
     return placed, tomb, jnp.sum(active) > 0
 
 
