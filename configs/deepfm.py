@@ -38,6 +38,7 @@ def get_config(arg=None):
         num_rows=1 << 14,    # initial slab rows per feature (tables grow as IDs arrive)
         rows_per_shard=0,    # sharded tables (train.mesh > 1): rows per shard (0: 2 x rows / n), doubled on overflow
         max_rows=0,          # per physical table row budget (0: none)
+        init="truncated_normal",  # new rows: embedding.initializers.KINDS, scale init_std
         init_std=0.001,      # TruncNormal(0, 0.001), as RecIS's example
         dtype="float32", admit_min_count=0, evict_after_steps=0))
     c.model = ml_collections.ConfigDict(dict(

@@ -198,29 +198,50 @@ def find(state: HashTableState, tables: jax.Array, keys: jax.Array, valid: jax.A
 
 def _find_xla(state, tables: jax.Array, keys: jax.Array, valid: jax.Array, max_probes: int = 128) -> FindResult:
     """The XLA find (the reference of the kernel): a vectorised while_loop over the lanes.
-    `state`: a HashTableState or pallas_kernels.hashtable.Index."""
+    `state`: a HashTableState or pallas_kernels.hashtable.Index.
+
+    Most lanes end in the first round or two while the longest chain sets the number of
+    rounds, so once at most N / 8 lanes are active the rest run over those compacted."""
     s = state.num_slots
-    pos0 = home_slot(tables, keys, s)
     n = keys.shape[0]
+    m = _compact_size(n)
 
-    def cond(c):
-        i, _, active, _, _, _ = c
-        return (i < max_probes) & (jnp.sum(active) > 0)
+    def rounds(c, keys, tables, until):
+        def body(c):
+            i, pos, active, slot, row, found = c
+            st = state.slot_state[pos]
+            hit = active & (st == LIVE) & (state.slot_keys[pos] == keys) & (state.slot_tables[pos] == tables)
+            # Rows are read inside the loop: a read after it would not be ordered before a
+            # later in-place write of slot_rows, and XLA would copy the [S] array to be safe.
+            row = jnp.where(hit, state.slot_rows[pos], row)
+            # An empty slot ends the chain; tombstones are stepped over.
+            active = active & ~hit & (st != EMPTY)
+            return i + 1, (pos + 1) & (s - 1), active, jnp.where(hit, pos, slot), row, found | hit
 
-    def body(c):
-        i, pos, active, slot, row, found = c
-        st = state.slot_state[pos]
-        hit = active & (st == LIVE) & (state.slot_keys[pos] == keys) & (state.slot_tables[pos] == tables)
-        # Rows are read inside the loop: a read after it would not be ordered before a
-        # later in-place write of slot_rows, and XLA would copy the [S] array to be safe.
-        row = jnp.where(hit, state.slot_rows[pos], row)
-        # An empty slot ends the chain; tombstones are stepped over.
-        active = active & ~hit & (st != EMPTY)
-        return i + 1, (pos + 1) & (s - 1), active, jnp.where(hit, pos, slot), row, found | hit
+        return jax.lax.while_loop(lambda c: (c[0] < max_probes) & jnp.any(c[2]) & until(c[2]), body, c)
 
-    init = (jnp.int32(0), pos0, valid, jnp.full(n, -1, jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, bool))
-    _, _, _, slot, rows, found = jax.lax.while_loop(cond, body, init)
-    return FindResult(rows, found, slot)
+    init = (jnp.int32(0), home_slot(tables, keys, s), valid, jnp.full(n, -1, jnp.int32), jnp.zeros(n, jnp.int32),
+            jnp.zeros(n, bool))
+    i, pos, active, slot, rows, found = rounds(init, keys, tables, lambda a: jnp.sum(a, dtype=jnp.int32) > m)
+    sub, subc, live = _compact(active, m)
+    c = (i, pos[subc], live, jnp.full(m, -1, jnp.int32), jnp.zeros(m, jnp.int32), jnp.zeros(m, bool))
+    _, _, _, sub_slot, sub_rows, sub_found = rounds(c, keys[subc], tables[subc], lambda a: True)
+    return FindResult(rows.at[sub].set(sub_rows, mode="drop"), found.at[sub].set(sub_found, mode="drop"),
+                      slot.at[sub].set(sub_slot, mode="drop"))
+
+
+def _compact_size(n: int) -> int:
+    """Lanes of the compacted rounds of `_find_xla` / `_claim_slots`."""
+    return max(1, -(-n // 8))
+
+
+def _compact(active: jax.Array, m: int):
+    """The (at most m) active lanes in lane order: (sub [m] lane indices, n for padding;
+    subc [m] the same clipped into range; live [m] not padding)."""
+    n = active.shape[0]
+    rank = jnp.cumsum(active, dtype=jnp.int32) - 1
+    sub = jnp.full(m, n, jnp.int32).at[jnp.where(active, rank, m)].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+    return sub, jnp.minimum(sub, n - 1), sub < n
 
 
 class InsertResult(NamedTuple):
@@ -313,58 +334,61 @@ def _claim_slots(state, tables, keys, need, max_probes):
     work per step). Each round is one stable sort of the lanes' slots of interest: the
     slot a lane placed earlier in this call (it blocks the slot) or the non-LIVE slot an
     active lane probes. Per slot, a placed lane sorts first (key 2 * slot), then the
-    active lanes in lane order (key 2 * slot + 1): the first of a run wins the slot if
-    it is active. Every lane lands within `max_probes` slots of home, where `find` looks.
+    active lanes in lane order (key 2 * slot + 1, then the lane): the first of a run holds the slot
+    (a new winner if it is active). Every lane lands within `max_probes` slots of home,
+    where `find` looks.
 
     Most lanes are placed in the first round or two, while the longest probe chain sets
     the number of rounds (10-20), so once at most N / 8 lanes are active the rest run
-    over those lanes compacted (in lane order: the same winners), with the slots placed
-    so far looked up in one sorted array.
+    over those lanes compacted (in lane order: the same winners); the slots taken so far
+    are the run heads of the last round's sorted keys, looked up by binary search.
 
     Returns (placed int32 [N]: slot per lane or -1, was_tombstone bool [N]: the placed
     slot held a tombstone, overflow: a need lane found none).
     """
     s = state.num_slots
     n = keys.shape[0]
-    m = max(1, -(-n // 8))
-    # Unsigned keys 2 * slot + active (a one-key sort: CUB radix on a GPU); 64-bit past
-    # 2^30 slots, where 2 * slot + 1 would reach the "no slot" key.
-    kt = jnp.uint32 if s <= (1 << 30) else jnp.uint64
-    none = jnp.asarray(np.iinfo(kt).max, kt)
+    m = _compact_size(n)
+    if s > (1 << 31):
+        raise ValueError(f"the XLA insert handles up to 2^31 index slots, got {s}")
+    # One uint64 per lane, (2 * slot + active) << 32 | lane: distinct, so a plain sort of
+    # one array (on the CPU ~1.7x faster than a stable sort of a key and a lane array).
+    none = jnp.uint64(np.iinfo(np.uint64).max)
+    u64 = lambda x: x.astype(jnp.uint64)  # noqa: E731
 
     def rounds(c, until, blocked):
         """Probe rounds over c's lanes while some are active and `until(active)`."""
         lane = jnp.arange(c[1].shape[0], dtype=jnp.int32)
 
         def body(c):
-            i, pos, active, placed, tomb = c
+            i, pos, active, placed, tomb, _ = c
             st = state.slot_state[pos]
             cand = active & (st != LIVE) & ~blocked(pos)
-            key = jnp.where(placed >= 0, placed.astype(kt) * kt(2),
-                            jnp.where(cand, pos.astype(kt) * kt(2) + kt(1), none))
-            key, by_lane = jax.lax.sort((key, lane), num_keys=1, is_stable=True)
-            first = jnp.concatenate([jnp.ones(1, bool), (key[1:] >> kt(1)) != (key[:-1] >> kt(1))])
-            won = jnp.zeros(lane.shape, bool).at[by_lane].set(first & (key != none) & ((key & kt(1)) == kt(1)))
+            slot_key = jnp.where(placed >= 0, u64(placed) << 33, u64(pos) << 33 | jnp.uint64(1 << 32))
+            key = jax.lax.sort(jnp.where((placed >= 0) | cand, slot_key | u64(lane), none))
+            by_lane = (key & jnp.uint64(0xFFFFFFFF)).astype(jnp.int32)
+            first = jnp.concatenate([jnp.ones(1, bool), (key[1:] >> 33) != (key[:-1] >> 33)])
+            head_wins = first & (key != none) & ((key >> 32) & jnp.uint64(1) == 1)
+            won = jnp.zeros(lane.shape, bool).at[jnp.where(key != none, by_lane, lane.shape[0])].set(
+                head_wins, mode="drop")
             active = active & ~won
             return (i + 1, jnp.where(active, (pos + 1) & (s - 1), pos), active, jnp.where(won, pos, placed),
-                    tomb | (won & (st == TOMBSTONE)))
+                    tomb | (won & (st == TOMBSTONE)), key)
 
         return jax.lax.while_loop(lambda c: (c[0] < max_probes) & jnp.any(c[2]) & until(c[2]), body, c)
 
-    init = (jnp.int32(0), home_slot(tables, keys, s), need, jnp.full(n, -1, jnp.int32), jnp.zeros(n, bool))
-    i, pos, active, placed, tomb = rounds(init, lambda a: jnp.sum(a, dtype=jnp.int32) > m, lambda p: False)
-    # The (at most m) active lanes, in lane order; padding lanes point at lane n (dropped).
-    rank = jnp.cumsum(active, dtype=jnp.int32) - 1
-    sub = jnp.full(m, n, jnp.int32).at[jnp.where(active, rank, m)].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
-    taken = jnp.sort(jnp.where(placed >= 0, placed, np.iinfo(np.int32).max))  # [N] slots placed so far
+    init = (jnp.int32(0), home_slot(tables, keys, s), need, jnp.full(n, -1, jnp.int32), jnp.zeros(n, bool),
+            jnp.full(n, none))
+    i, pos, active, placed, tomb, taken = rounds(init, lambda a: jnp.sum(a, dtype=jnp.int32) > m,
+                                                 lambda p: jnp.zeros(p.shape, bool))
 
-    def blocked(p):
-        return taken[jnp.minimum(jnp.searchsorted(taken, p), n - 1)] == p
+    def blocked(p):  # slot p heads a run of the last round's sorted keys: it is taken
+        head = taken[jnp.minimum(jnp.searchsorted(taken, u64(p) << 33), n - 1)]
+        return (head != none) & ((head >> 33) == u64(p))
 
-    live = sub < n
-    subc = jnp.minimum(sub, n - 1)
-    c = (i, pos[subc], live, jnp.full(m, -1, jnp.int32), jnp.zeros(m, bool))
-    _, _, sub_active, sub_placed, sub_tomb = rounds(c, lambda a: True, blocked)
+    sub, subc, live = _compact(active, m)
+    c = (i, pos[subc], live, jnp.full(m, -1, jnp.int32), jnp.zeros(m, bool), jnp.full(m, none))
+    _, _, sub_active, sub_placed, sub_tomb, _ = rounds(c, lambda a: jnp.asarray(True), blocked)
     placed = placed.at[sub].set(sub_placed, mode="drop")
     tomb = tomb.at[sub].set(sub_tomb, mode="drop")
     active = active.at[sub].set(sub_active, mode="drop")

@@ -85,7 +85,7 @@ def feature_engine(cfg) -> FeatureEngine:
 def embedding_engine(cfg) -> EmbeddingEngine:
     cats, _ = column_names(cfg)
     e, f = cfg.embedding, cfg.features
-    init = Initializer("truncated_normal", std=e.init_std)
+    init = Initializer(e.get("init", "truncated_normal"), std=e.init_std)
     admission = Admission(min_count=e.admit_min_count) if e.get("admit_min_count") else None
     eviction = EvictionPolicy(max_age=e.evict_after_steps) if e.get("evict_after_steps") else None
     opts = {c: EmbeddingOption(f.embed_dim, initializer=init, num_rows=e.num_rows, admission=admission,
