@@ -72,6 +72,7 @@ def jax_config(w: D.Workload, platform: str):
     if w.name.startswith("deepfm"):
         c = load_config(str(ROOT / "configs" / "deepfm.py"))
         c.model.dtype = "float32"   # as the PyTorch side (TF32 matmuls on both)
+        c.features.fuse_bias = True  # one [rows, 8 + 1] table, as the PyTorch side
     elif w.name.startswith("dcnv2"):
         c = load_config(str(ROOT / "configs" / "dcnv2.py"))
     else:

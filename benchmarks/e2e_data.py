@@ -8,7 +8,8 @@ already in [0, vocab) (the static-vocabulary PyTorch baseline uses it directly).
 
 Workloads (`WORKLOADS`):
   deepfm    RecIS's DeepFM example: 26 one-hot categorical features, dim 8 + a dim-1
-            bias table each, 13 numerics, DNN 64-16, batch 4096, SparseAdam + AdamW.
+            bias each (on both sides one 9-wide row per ID, the bias its last column),
+            13 numerics, DNN 64-16, batch 4096, SparseAdam + AdamW.
   dcnv2     MLPerf DLRM-dcnv2 shape: 26 multi-hot features at MLPerf's hotness, dim 128,
             vocabularies MLPerf's capped at 4M rows, DCNv2 dense (bottom 512-256-128,
             3 low-rank-512 cross layers, top 1024-1024-512-256-1) in bf16, batch 65536,
@@ -157,7 +158,7 @@ def sparse_bytes(w: Workload, batch: dict, slot_floats_per_elem: float) -> float
     row-wise Adagrad. ID -> row map traffic is not counted (a static vocabulary has none)."""
     total = 0.0
     feats = [(f, c, w.dim) for f, c in enumerate(batch["cat"])]
-    if w.name.startswith("deepfm"):  # the dim-1 bias tables see the same IDs
+    if w.name.startswith("deepfm"):  # the dim-1 biases: the same IDs
         feats += [(f, c, 1) for f, c in enumerate(batch["cat"])]
     for _, idx, dim in feats:
         uniq = np.unique(idx).size

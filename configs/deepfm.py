@@ -32,7 +32,9 @@ def get_config(arg=None):
                                                  multi_hot=(1, 1))),
     ))
     c.features = ml_collections.ConfigDict(dict(
-        num_categorical=26, num_dense=13, embed_dim=8, bias_dim=1, dense_transform="log1p",
+        num_categorical=26, num_dense=13, embed_dim=8, bias_dim=1,
+        fuse_bias=False,     # True: bias = last column of the feature's embedding row (one lookup per ID)
+        dense_transform="log1p",
         hash_bucket=0, hash_type=None, seq_len=0))
     c.embedding = ml_collections.ConfigDict(dict(
         num_rows=1 << 14,    # initial slab rows per feature (tables grow as IDs arrive)

@@ -9,7 +9,8 @@ would write it: the categorical features of one embedding dim share one physical
 (feature f's rows at offset sum(vocab[:f]), like the recis-jax side's one table per dim),
 nn.Embedding / nn.EmbeddingBag(mode="sum") with sparse=True gradients, and:
 
-  deepfm  26 one-hot features -> [26M, 8] table + [26M, 1] bias table (same rows); the
+  deepfm  26 one-hot features -> one [26M, 9] table: the dim-8 embedding and the bias in
+          its last column (one lookup per ID; recis-jax's features.fuse_bias); the
           13 numerics as learned [13, 8] / [13, 1] scaled by value; FM over 39 fields +
           DNN 312-64-16-1; float32 (TF32 matmuls allowed); SparseAdam + AdamW(wd 0), lr 1e-3.
   dcnv2*  26 multi-hot features (MLPerf hotness, sum pooling, EmbeddingBag over one
@@ -367,7 +368,7 @@ class Trainer:
             return t
 
         if fam == "deepfm":
-            self.tables = {"emb": table(rows, w.dim, 0.001), "bias": table(rows, 1, 0.001)}
+            self.tables = {"emb": table(rows, w.dim + 1, 0.001)}  # bias in the last column
             self.dense = DeepFMDense(len(w.vocab), D.NUM_DENSE, w.dim).to(device)
             dense_opt = torch.optim.AdamW
             dense_kw = dict(weight_decay=0.0)
@@ -426,9 +427,8 @@ class Trainer:
         w, b = self.w, self.w.batch
         cat, items = self.rows(batch)
         if self.fam == "deepfm":
-            emb = self.tables["emb"](cat).view(b, len(w.vocab), w.dim)
-            bias = self.tables["bias"](cat).view(b, len(w.vocab), 1)
-            return self.dense_fn(emb, bias, batch["dense"], batch["label"])
+            rows = self.tables["emb"](cat).view(b, len(w.vocab), w.dim + 1)
+            return self.dense_fn(rows[..., :w.dim], rows[..., w.dim:], batch["dense"], batch["label"])
         if self.fam == "dcnv2":
             emb = self.tables["emb"](cat, self.bag_offsets).view(b, len(w.vocab), w.dim)
             return self.dense_fn(emb, batch["dense"], batch["label"])

@@ -65,9 +65,14 @@ def reader_columns(cfg) -> list:
     return cols
 
 
+def _fused_bias(cfg) -> bool:
+    return bool(cfg.features.bias_dim) and bool(cfg.features.get("fuse_bias", False))
+
+
 def feature_engine(cfg) -> FeatureEngine:
     """Numeric columns transformed in place (log1p of values floored at 0, or raw);
-    a `<c>_bias` copy of each categorical column when the model has dim-1 biases."""
+    a `<c>_bias` copy of each categorical column when the model has biases in tables of
+    their own (`features.fuse_bias` off)."""
     cats, nums = column_names(cfg)
     f = cfg.features
     feats = []
@@ -75,7 +80,7 @@ def feature_engine(cfg) -> FeatureEngine:
         feats += [Feature(n, [SelectField(n), Log1p()]) for n in nums]
     elif f.dense_transform not in ("none", None):
         raise ValueError(f"features.dense_transform must be 'log1p' or 'none', got {f.dense_transform!r}")
-    if f.bias_dim:
+    if f.bias_dim and not _fused_bias(cfg):
         feats += [Feature(c + BIAS_SUFFIX, [SelectField(c)]) for c in cats]
     if not feats:  # nothing to transform: identity engine over the first numeric column
         feats = [Feature(nums[0], [SelectField(nums[0])])] if nums else [Feature(cats[0], [SelectField(cats[0])])]
@@ -88,14 +93,17 @@ def embedding_engine(cfg) -> EmbeddingEngine:
     init = Initializer(e.get("init", "truncated_normal"), std=e.init_std)
     admission = Admission(min_count=e.admit_min_count) if e.get("admit_min_count") else None
     eviction = EvictionPolicy(max_age=e.evict_after_steps) if e.get("evict_after_steps") else None
-    opts = {c: EmbeddingOption(f.embed_dim, initializer=init, num_rows=e.num_rows, admission=admission,
+    # Fused biases: a feature's bias is the last bias_dim columns of its embedding row
+    # (the same ID, occurrences and elementwise optimizer), one lookup per ID instead of two.
+    width = f.embed_dim + (f.bias_dim if _fused_bias(cfg) else 0)
+    opts = {c: EmbeddingOption(width, initializer=init, num_rows=e.num_rows, admission=admission,
                                eviction=eviction, dtype=e.dtype) for c in cats}
     if f.get("seq_len"):  # history and candidate share one item table
         opts[SEQ] = EmbeddingOption(f.embed_dim, combiner="none", length=f.seq_len, initializer=init,
                                     num_rows=e.num_rows, dtype=e.dtype, shared_name=ITEM_TABLE)
         opts[TARGET] = EmbeddingOption(f.embed_dim, initializer=init, num_rows=e.num_rows, dtype=e.dtype,
                                        shared_name=ITEM_TABLE)
-    if f.bias_dim:
+    if f.bias_dim and not _fused_bias(cfg):
         opts.update({c + BIAS_SUFFIX: EmbeddingOption(f.bias_dim, initializer=init, num_rows=e.num_rows,
                                                       admission=admission, eviction=eviction, dtype=e.dtype)
                      for c in cats})
@@ -111,10 +119,14 @@ def task(cfg) -> Task:
         return jnp.concatenate([batch[n] for n in nums], axis=1) if nums else None
 
     if name == "deepfm":
+        d = cfg.features.embed_dim
+
         def inputs(emb, batch):
-            kw = dict(sparse_emb=jnp.stack([emb[c] for c in cats], axis=1), dense=dense(batch))
+            rows = jnp.stack([emb[c] for c in cats], axis=1)  # [B, F, dim (+ bias_dim if fused)]
+            kw = dict(sparse_emb=rows[..., :d], dense=dense(batch))
             if bias:
-                kw["sparse_bias"] = jnp.stack([emb[c + BIAS_SUFFIX] for c in cats], axis=1)
+                kw["sparse_bias"] = (rows[..., d:] if _fused_bias(cfg)
+                                     else jnp.stack([emb[c + BIAS_SUFFIX] for c in cats], axis=1))
             return kw
     elif name == "dcnv2":
         def inputs(emb, batch):
