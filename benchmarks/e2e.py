@@ -15,9 +15,13 @@ recis-jax runs the `recis-jax train` step (`recis_jax.train.step.make_train_step
 ops -> dedup -> hashtable find_or_insert -> gather + pooling -> Flax model -> loss ->
 optax + sparse optimizer on touched rows, one donated jit) built from configs/deepfm.py,
 configs/dcnv2.py and configs/seq_transformer.py with the workload's shapes; it sees the
-raw 64-bit IDs (its tables are hashtables). Tables start with rows for every distinct ID
-of the generated batches (no growth inside the timed loop; an overflow would skip a step
-and fails the run).
+raw 64-bit IDs (its tables are hashtables). Tables are sized for every distinct ID of
+the generated batches (no growth inside the timed loop; an overflow would skip a step
+and fails the run) and start empty: a timed step inserts the IDs it sees first, and
+gives them their deterministic initial rows. Set as on the PyTorch side: new rows
+N(0, std) (`embedding.init = "normal"`; PyTorch fills its tables with normal_ before
+timing), DeepFM's bias as the last column of its 9-wide rows (`features.fuse_bias`),
+float32 DeepFM, no numeric transform.
 
 Physical limit per workload (same run): the sparse part must move at least
 `e2e_data.sparse_bytes` per step (every lookup's row read once, every distinct row and its

@@ -101,6 +101,23 @@ def test_accumulation_matches_one_big_batch(tmp_path):
         np.testing.assert_allclose(rb[k], ra[k], rtol=2e-4, atol=2e-6)
 
 
+def test_fused_bias_is_the_last_column_of_one_table(tmp_path):
+    cfg = small_config("--config.features.fuse_bias=True")
+    r = recipes.build(cfg)
+    assert not any(name.endswith(recipes.BIAS_SUFFIX) for name in r.engine.options)
+    assert {o.dim for o in r.engine.options.values()} == {9}
+    rows = jax.random.normal(jax.random.key(0), (5, 9))
+    kw = r.task.inputs({f"c{i + 1}": rows + i for i in range(4)}, {"i1": rows[:, :1], "i2": rows[:, 1:2]})
+    np.testing.assert_array_equal(kw["sparse_emb"][:, 2], rows[:, :8] + 2)
+    np.testing.assert_array_equal(kw["sparse_bias"][:, 3], rows[:, 8:] + 3)
+    trainer, summary = fit(cfg, tmp_path, num_steps=6)
+    assert list(trainer.state.tables) == ["merged_0_dim9"] and summary["steps"] == 6
+    assert np.isfinite(summary["eval"]["logloss"])
+    # Both parts of the row train: Adam moves each by ~lr (0.05) from |init| < 0.002.
+    emb = np.stack(list(rows_by_id(trainer).values()))
+    assert np.abs(emb[:, 8]).max() > 0.02 and np.abs(emb[:, :8]).max() > 0.02
+
+
 def test_tiny_tables_grow_and_train_like_big_ones(tmp_path):
     big, _ = fit(small_config("--config.embedding.num_rows=4096"), tmp_path / "big")
     small, _ = fit(small_config("--config.embedding.num_rows=2"), tmp_path / "small")  # grows many times
