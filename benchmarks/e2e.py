@@ -2,7 +2,7 @@
 side by side in one run, against the physical limit.
 
     python benchmarks/e2e.py --device gpu  [--dists uniform,zipf] [--workloads deepfm,dcnv2,seq1k,seq16k]
-    python benchmarks/e2e.py --device cpu  --torch-python /tmp/recis-torch-venv/bin/python
+    python benchmarks/e2e.py --device cpu  --torch-python /tmp/recis-torch-venv/bin/python --torch-compile deepfm
 
 Workloads and data: benchmarks/e2e_data.py (shared with the PyTorch side,
 benchmarks/torch_baseline/e2e_torch.py). Every (framework, workload, distribution, mode)

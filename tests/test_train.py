@@ -118,6 +118,11 @@ def test_fused_bias_is_the_last_column_of_one_table(tmp_path):
     assert np.abs(emb[:, 8]).max() > 0.02 and np.abs(emb[:, :8]).max() > 0.02
 
 
+def test_bad_initializer_kind_names_the_config_key():
+    with pytest.raises(ValueError, match=r"embedding.init must be one of .*'gaussian'"):
+        recipes.build(small_config("--config.embedding.init=gaussian"))
+
+
 def test_tiny_tables_grow_and_train_like_big_ones(tmp_path):
     big, _ = fit(small_config("--config.embedding.num_rows=4096"), tmp_path / "big")
     small, _ = fit(small_config("--config.embedding.num_rows=2"), tmp_path / "small")  # grows many times

@@ -331,10 +331,10 @@ def _claim_slots(state, tables, keys, need, max_probes):
 
     Reads the index but does not write it: the probe loop carries only [N] arrays
     (carrying the [S] index through a while loop made XLA copy it every call, O(S)
-    work per step). Each round is one stable sort of the lanes' slots of interest: the
-    slot a lane placed earlier in this call (it blocks the slot) or the non-LIVE slot an
-    active lane probes. Per slot, a placed lane sorts first (key 2 * slot), then the
-    active lanes in lane order (key 2 * slot + 1, then the lane): the first of a run holds the slot
+    work per step). Each round sorts one key per lane for its slot of interest: the slot
+    it placed earlier in this call (key 2 * slot: it blocks the slot) or the non-LIVE
+    slot it probes while active (2 * slot + 1), then the lane. Per slot the placed lane
+    sorts first, then the active lanes in lane order: the head of a run holds the slot
     (a new winner if it is active). Every lane lands within `max_probes` slots of home,
     where `find` looks.
 

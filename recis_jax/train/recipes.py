@@ -22,6 +22,7 @@ import optax
 
 from recis_jax.embedding.engine import Admission, EmbeddingEngine, EmbeddingOption
 from recis_jax.embedding.eviction import EvictionPolicy
+from recis_jax.embedding.initializers import KINDS as INIT_KINDS
 from recis_jax.embedding.initializers import Initializer
 from recis_jax.features.engine import FeatureEngine
 from recis_jax.features.ops import Feature, Log1p, SelectField
@@ -90,7 +91,10 @@ def feature_engine(cfg) -> FeatureEngine:
 def embedding_engine(cfg) -> EmbeddingEngine:
     cats, _ = column_names(cfg)
     e, f = cfg.embedding, cfg.features
-    init = Initializer(e.get("init", "truncated_normal"), std=e.init_std)
+    kind = e.get("init", "truncated_normal")
+    if kind not in INIT_KINDS:
+        raise ValueError(f"embedding.init must be one of {INIT_KINDS}, got {kind!r}")
+    init = Initializer(kind, std=e.init_std)
     admission = Admission(min_count=e.admit_min_count) if e.get("admit_min_count") else None
     eviction = EvictionPolicy(max_age=e.evict_after_steps) if e.get("evict_after_steps") else None
     # Fused biases: a feature's bias is the last bias_dim columns of its embedding row
