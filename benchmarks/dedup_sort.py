@@ -1,6 +1,6 @@
 """Dedup sort on the device: one two-key (table, id) sort vs the two one-key unsigned
-sorts `recis_jax.sorting.sort_by_table_and_key` uses (CUB radix sorts on the GPU), and the whole
-`unique_keys`, at DeepFM (106k lanes), 1M and DLRM-dcnv2 (14M lanes) sizes.
+sorts `recis_jax.sorting.sort_by_table_and_key` uses (CUB radix sorts on the GPU), and
+the whole `unique_keys`, at DeepFM (106k lanes), 1M and DLRM-dcnv2 (14M lanes) sizes.
 
     python benchmarks/dedup_sort.py        (prints one line per size; mean of 10 calls)
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import recis_jax  # noqa: E402,F401  (x64)
-from recis_jax.embedding.dedup import unique_keys
+from recis_jax.embedding.dedup import unique_keys  # noqa: E402
 from recis_jax.sorting import sort_by_table_and_key  # noqa: E402
 
 

@@ -13,11 +13,11 @@ import recis_jax  # noqa: F401  (x64)
 from recis_jax.embedding import capacity
 from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.dedup import unique_keys
-from recis_jax.sorting import sort_by_table_and_key
 from recis_jax.embedding.engine import Admission, EmbeddingEngine, EmbeddingOption
 from recis_jax.embedding.initializers import Initializer, initial_rows, write_initial_rows
 from recis_jax.optim.sparse import sparse_adam, sparse_sgd
 from recis_jax.ragged import Ragged
+from recis_jax.sorting import sort_by_table_and_key
 
 I64 = np.iinfo(np.int64)
 SPECIAL = np.array([-1, -2, 0, I64.min, I64.max, 1, I64.min + 1, I64.max - 1], np.int64)

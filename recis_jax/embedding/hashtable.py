@@ -206,7 +206,9 @@ def _find_xla(state, tables: jax.Array, keys: jax.Array, valid: jax.Array, max_p
     n = keys.shape[0]
     m = _compact_size(n)
 
-    def rounds(c, keys, tables, until):
+    def rounds(c, keys, tables, more_than):
+        """Probe rounds over c's lanes while more than `more_than` are active."""
+
         def body(c):
             i, pos, active, slot, row, found = c
             st = state.slot_state[pos]
@@ -218,14 +220,15 @@ def _find_xla(state, tables: jax.Array, keys: jax.Array, valid: jax.Array, max_p
             active = active & ~hit & (st != EMPTY)
             return i + 1, (pos + 1) & (s - 1), active, jnp.where(hit, pos, slot), row, found | hit
 
-        return jax.lax.while_loop(lambda c: (c[0] < max_probes) & jnp.any(c[2]) & until(c[2]), body, c)
+        return jax.lax.while_loop(lambda c: (c[0] < max_probes) & (jnp.sum(c[2], dtype=jnp.int32) > more_than),
+                                  body, c)
 
     init = (jnp.int32(0), home_slot(tables, keys, s), valid, jnp.full(n, -1, jnp.int32), jnp.zeros(n, jnp.int32),
             jnp.zeros(n, bool))
-    i, pos, active, slot, rows, found = rounds(init, keys, tables, lambda a: jnp.sum(a, dtype=jnp.int32) > m)
+    i, pos, active, slot, rows, found = rounds(init, keys, tables, m)
     sub, subc, live = _compact(active, m)
     c = (i, pos[subc], live, jnp.full(m, -1, jnp.int32), jnp.zeros(m, jnp.int32), jnp.zeros(m, bool))
-    _, _, _, sub_slot, sub_rows, sub_found = rounds(c, keys[subc], tables[subc], lambda a: True)
+    _, _, _, sub_slot, sub_rows, sub_found = rounds(c, keys[subc], tables[subc], 0)
     return FindResult(rows.at[sub].set(sub_rows, mode="drop"), found.at[sub].set(sub_found, mode="drop"),
                       slot.at[sub].set(sub_slot, mode="drop"))
 
@@ -356,8 +359,8 @@ def _claim_slots(state, tables, keys, need, max_probes):
     none = jnp.uint64(np.iinfo(np.uint64).max)
     u64 = lambda x: x.astype(jnp.uint64)  # noqa: E731
 
-    def rounds(c, until, blocked):
-        """Probe rounds over c's lanes while some are active and `until(active)`."""
+    def rounds(c, more_than, blocked):
+        """Probe rounds over c's lanes while more than `more_than` are active."""
         lane = jnp.arange(c[1].shape[0], dtype=jnp.int32)
 
         def body(c):
@@ -375,12 +378,12 @@ def _claim_slots(state, tables, keys, need, max_probes):
             return (i + 1, jnp.where(active, (pos + 1) & (s - 1), pos), active, jnp.where(won, pos, placed),
                     tomb | (won & (st == TOMBSTONE)), key)
 
-        return jax.lax.while_loop(lambda c: (c[0] < max_probes) & jnp.any(c[2]) & until(c[2]), body, c)
+        return jax.lax.while_loop(lambda c: (c[0] < max_probes) & (jnp.sum(c[2], dtype=jnp.int32) > more_than),
+                                  body, c)
 
     init = (jnp.int32(0), home_slot(tables, keys, s), need, jnp.full(n, -1, jnp.int32), jnp.zeros(n, bool),
             jnp.full(n, none))
-    i, pos, active, placed, tomb, taken = rounds(init, lambda a: jnp.sum(a, dtype=jnp.int32) > m,
-                                                 lambda p: jnp.zeros(p.shape, bool))
+    i, pos, active, placed, tomb, taken = rounds(init, m, lambda p: jnp.zeros(p.shape, bool))
 
     def blocked(p):  # slot p heads a run of the last round's sorted keys: it is taken
         head = taken[jnp.minimum(jnp.searchsorted(taken, u64(p) << 33), n - 1)]
@@ -388,7 +391,7 @@ def _claim_slots(state, tables, keys, need, max_probes):
 
     sub, subc, live = _compact(active, m)
     c = (i, pos[subc], live, jnp.full(m, -1, jnp.int32), jnp.zeros(m, bool), jnp.full(m, none))
-    _, _, sub_active, sub_placed, sub_tomb, _ = rounds(c, lambda a: jnp.asarray(True), blocked)
+    _, _, sub_active, sub_placed, sub_tomb, _ = rounds(c, 0, blocked)
     placed = placed.at[sub].set(sub_placed, mode="drop")
     tomb = tomb.at[sub].set(sub_tomb, mode="drop")
     active = active.at[sub].set(sub_active, mode="drop")

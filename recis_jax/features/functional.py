@@ -32,8 +32,8 @@ from jax import lax
 
 import recis_jax  # noqa: F401  (enables x64: IDs are int64)
 from pallas_kernels import bucketize as _bucketize_kernel
-from recis_jax.sorting import sort_by_table_and_key
 from recis_jax.ragged import Ragged, splits_dtype
+from recis_jax.sorting import sort_by_table_and_key
 
 HASH_KINDS = ("farm", "murmur")
 MULTI_HASH_MULS = (1, 3, 5, 7)
