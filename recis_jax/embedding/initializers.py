@@ -67,7 +67,7 @@ def row_streams(tables: jax.Array, ids: jax.Array, seed: int) -> jax.Array:
     streams, since each mix is a bijection)."""
     start = jnp.uint64((int(seed) * int(_GOLDEN) + 1) % (1 << 64))
     base = _mix64(start + tables.astype(jnp.uint64))
-    return _mix64(base ^ jax.lax.bitcast_convert_type(ids.astype(jnp.int64), jnp.uint64))
+    return _mix64(_mix64(base) ^ jax.lax.bitcast_convert_type(ids.astype(jnp.int64), jnp.uint64))
 
 
 def stream_bits(streams: jax.Array, count: int) -> jax.Array:
