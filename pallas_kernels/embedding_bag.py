@@ -35,7 +35,8 @@ Kernel design (jax 0.11.2, Pallas-Triton), deterministic (no float atomics):
   piece's end move no data; no partial blocks). A masked store's dead lanes point at
   distinct out-of-range rows, because interpret mode implements a masked store as a
   read-modify-write scatter where two lanes sharing a row would race. All vector shapes
-  are powers of 2 (D must be one; other D fall back to the reference).
+  are powers of 2: a row width D that is not one (DeepFM's 8 + 1 with a fused bias)
+  runs in tiles of the next power of 2 with the columns >= D masked.
 * Measured on an H100 (benchmarks/results/ops_sparse_h100.md; 8M-row tables, 4M
   lookups): 85-89% of copy bandwidth at dim 64/128 for bags of 32 and 1k-100k items,
   1.24x torch's EmbeddingBag for uniform ids, 1.6x for Zipf, 47x for long bags; 6x the
@@ -86,6 +87,7 @@ def default_config(dim: int, avg_items: float = 32.0) -> Config:
     occurrences each for uniform ids) use K = 2 and many lanes, instead of masking
     30 of 32 rows. G (lanes) keeps G * K * D at 4096 for D <= 128; a piece is 16 steps.
     """
+    dim = _next_pow2(dim)  # the tile width
     k = 2
     while k < 32 and k < avg_items:
         k *= 2
@@ -97,6 +99,10 @@ def default_config(dim: int, avg_items: float = 32.0) -> Config:
 
 def _is_pow2(v: int) -> bool:
     return v >= 1 and (v & (v - 1)) == 0
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, v - 1).bit_length()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -168,7 +174,9 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean):
     col = lax.broadcasted_iota(jnp.int32, (g, k), 1)
 
     d = src_ref.shape[1]
-    cols = lax.broadcasted_iota(jnp.int32, (g, k, d), 2)
+    dp = _next_pow2(d)  # Triton tiles are powers of 2: columns >= d are masked
+    cols = lax.broadcasted_iota(jnp.int32, (g, k, dp), 2)
+    col_ok = cols < d
 
     def body(t, carry):
         acc, wacc = carry
@@ -181,10 +189,10 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean):
             m = m & (ids >= 0)
         else:
             ids = pos
-        m3 = jnp.broadcast_to(m[:, :, None], (g, k, d))
-        r3 = jnp.broadcast_to(ids[:, :, None], (g, k, d))
-        rows = plgpu.load(src_ref.at[r3, cols], mask=m3,
-                          other=jnp.zeros((), src_ref.dtype)).astype(jnp.float32)  # [G, K, D]
+        m3 = m[:, :, None] & col_ok
+        r3 = jnp.broadcast_to(ids[:, :, None], (g, k, dp))
+        rows = plgpu.load(src_ref.at[r3, jnp.minimum(cols, d - 1)], mask=m3,
+                          other=jnp.zeros((), src_ref.dtype)).astype(jnp.float32)  # [G, K, Dp]
         if has_w:
             w = plgpu.load(w_ref.at[pos], mask=m, other=_F0)                      # [G, K]
             xv = rows * w[:, :, None]
@@ -196,7 +204,7 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean):
             wacc = wacc + jnp.sum(w, axis=1)                                      # [G]
         return acc, wacc
 
-    acc0 = jnp.zeros((g, d), jnp.float32)
+    acc0 = jnp.zeros((g, dp), jnp.float32)
     wacc0 = jnp.zeros((g,), jnp.float32)
     acc, wacc = lax.fori_loop(0, steps, body, (acc0, wacc0))
     long = npieces > 1
@@ -218,12 +226,16 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean):
 
 
 def _store_rows(ref, rows, val, mask):
-    """ref[rows[i], :] = val[i] where mask[i]; rows [G] distinct (masked ones may be out
-    of range), val [G, D]."""
-    g, d = val.shape
-    r = jnp.broadcast_to(rows[:, None], (g, d))
-    c = lax.broadcasted_iota(jnp.int32, (g, d), 1)
-    plgpu.store(ref.at[r, c], val, mask=jnp.broadcast_to(mask[:, None], (g, d)))
+    """ref[rows[i], :D] = val[i, :D] where mask[i]; rows [G] distinct (masked ones may be
+    out of range), val [G, Dp] with Dp >= D = ref's width (a power of 2). Dead elements
+    (masked lanes, columns >= D) point at distinct out-of-range rows, as the lanes do."""
+    g, dp = val.shape
+    d = ref.shape[1]
+    c = lax.broadcasted_iota(jnp.int32, (g, dp), 1)
+    live = mask[:, None] & (c < d)
+    dead_row = ref.shape[0] + lax.broadcasted_iota(jnp.int32, (g, dp), 0) * dp + c
+    r = jnp.where(live, rows[:, None], dead_row)
+    plgpu.store(ref.at[r, jnp.minimum(c, d - 1)], val, mask=live)
 
 
 def _combine_kernel(*refs, num_seg, num_slots, config, mean):
@@ -245,7 +257,7 @@ def _combine_kernel(*refs, num_seg, num_slots, config, mean):
     lead = (seg >= 0) & (xo == x) & (npieces > 1)
     count = jnp.where(lead, npieces, 0)
     steps = (count + (k2 - 1)) // k2
-    d = part_ref.shape[1]
+    d = part_ref.shape[1]  # the padded width (a power of 2)
     r = lax.broadcasted_iota(jnp.int32, (k2,), 0)
     cols = lax.broadcasted_iota(jnp.int32, (k2, d), 1)
 
@@ -266,9 +278,7 @@ def _combine_kernel(*refs, num_seg, num_slots, config, mean):
     if mean:
         acc = jnp.where(wacc != 0, acc / jnp.where(wacc == 0, _F1, wacc), _F0)
 
-    @pl.when(lead)
-    def _():
-        out_ref[segc, :] = acc.astype(out_ref.dtype)
+    _store_rows(out_ref, jnp.reshape(segc, (1,)), acc[None].astype(out_ref.dtype), jnp.reshape(lead, (1,)))
 
 
 def _plan(splits: jax.Array, num_items: int, piece: int):
@@ -305,7 +315,7 @@ def _segment_gather_sum_pallas(src, splits, idx, weights, *, mean, config, inter
         inputs.append(weights)
     inputs.append(src)
     out_shapes = [jax.ShapeDtypeStruct((s, d), src.dtype),
-                  jax.ShapeDtypeStruct((x_cap, d), jnp.float32)]
+                  jax.ShapeDtypeStruct((x_cap, _next_pow2(d)), jnp.float32)]
     if mean:
         out_shapes.append(jax.ShapeDtypeStruct((x_cap,), jnp.float32))
     lanes = s + x_cap
@@ -336,8 +346,7 @@ def segment_gather_sum_pallas(src, splits, idx=None, weights=None, *, mean: bool
                               interpret: bool = False, config: Config | None = None) -> jax.Array:
     """The Pallas path of `segment_gather_sum` (compiled on GPU, or interpret mode).
 
-    Falls back to the reference for a row width that is not a power of 2 and for
-    float64 sources."""
+    Falls back to the reference for float64 sources."""
     src = jnp.asarray(src)
     splits = jnp.asarray(splits)
     if src.ndim != 2:
@@ -347,7 +356,7 @@ def segment_gather_sum_pallas(src, splits, idx=None, weights=None, *, mean: bool
     c = src.shape[0] if idx is None else idx.shape[0]
     if s < 0:
         raise ValueError("splits must have at least one element")
-    if not _is_pow2(d) or src.dtype == jnp.float64 or not jnp.issubdtype(src.dtype, jnp.floating):
+    if src.dtype == jnp.float64 or not jnp.issubdtype(src.dtype, jnp.floating):
         return segment_gather_sum_reference(src, splits, idx, weights, mean=mean)
     if s == 0:
         return jnp.zeros((0, d), src.dtype)
