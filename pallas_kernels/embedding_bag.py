@@ -176,7 +176,6 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean):
     d = src_ref.shape[1]
     dp = _next_pow2(d)  # Triton tiles are powers of 2: columns >= d are masked
     cols = lax.broadcasted_iota(jnp.int32, (g, k, dp), 2)
-    col_ok = cols < d
 
     def body(t, carry):
         acc, wacc = carry
@@ -189,9 +188,12 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean):
             m = m & (ids >= 0)
         else:
             ids = pos
-        m3 = m[:, :, None] & col_ok
         r3 = jnp.broadcast_to(ids[:, :, None], (g, k, dp))
-        rows = plgpu.load(src_ref.at[r3, jnp.minimum(cols, d - 1)], mask=m3,
+        if dp == d:
+            m3, c3 = jnp.broadcast_to(m[:, :, None], (g, k, d)), cols
+        else:
+            m3, c3 = m[:, :, None] & (cols < d), jnp.minimum(cols, d - 1)
+        rows = plgpu.load(src_ref.at[r3, c3], mask=m3,
                           other=jnp.zeros((), src_ref.dtype)).astype(jnp.float32)  # [G, K, Dp]
         if has_w:
             w = plgpu.load(w_ref.at[pos], mask=m, other=_F0)                      # [G, K]
@@ -227,11 +229,15 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean):
 
 def _store_rows(ref, rows, val, mask):
     """ref[rows[i], :D] = val[i, :D] where mask[i]; rows [G] distinct (masked ones may be
-    out of range), val [G, Dp] with Dp >= D = ref's width (a power of 2). Dead elements
+    out of range), val [G, Dp] with Dp (a power of 2) >= D, the width of ref. Dead elements
     (masked lanes, columns >= D) point at distinct out-of-range rows, as the lanes do."""
     g, dp = val.shape
     d = ref.shape[1]
     c = lax.broadcasted_iota(jnp.int32, (g, dp), 1)
+    if dp == d:
+        plgpu.store(ref.at[jnp.broadcast_to(rows[:, None], (g, d)), c], val,
+                    mask=jnp.broadcast_to(mask[:, None], (g, d)))
+        return
     live = mask[:, None] & (c < d)
     dead_row = ref.shape[0] + lax.broadcasted_iota(jnp.int32, (g, dp), 0) * dp + c
     r = jnp.where(live, rows[:, None], dead_row)
@@ -278,7 +284,12 @@ def _combine_kernel(*refs, num_seg, num_slots, config, mean):
     if mean:
         acc = jnp.where(wacc != 0, acc / jnp.where(wacc == 0, _F1, wacc), _F0)
 
-    _store_rows(out_ref, jnp.reshape(segc, (1,)), acc[None].astype(out_ref.dtype), jnp.reshape(lead, (1,)))
+    if out_ref.shape[1] == d:
+        @pl.when(lead)
+        def _():
+            out_ref[segc, :] = acc.astype(out_ref.dtype)
+    else:  # padded partial rows: store the first out_ref.shape[1] columns
+        _store_rows(out_ref, jnp.reshape(segc, (1,)), acc[None].astype(out_ref.dtype), jnp.reshape(lead, (1,)))
 
 
 def _plan(splits: jax.Array, num_items: int, piece: int):
