@@ -85,7 +85,7 @@ def jax_config(w: D.Workload, platform: str):
         c.model.remat = w.seq_len > 4096
     c.features.dense_transform = "none"  # the generated numerics are used as given, on both sides
     c.embedding.init = "normal"  # new rows N(0, init_std), as the PyTorch tables' normal_(0, std)
-    if platform == "cpu":  # XLA:CPU runs bfloat16 dots far slower than float32 ones
+    if platform == "cpu":  # XLA:CPU's bfloat16 weight-gradient dots and attention are slow (e2e_cpu.md)
         c.model.dtype = "float32"
     c.train.batch_size = w.batch
     return c
