@@ -17,6 +17,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from recis_jax.models.dots import dense_dot_general
 from recis_jax.models.layers import MLP, Dtype
 
 
@@ -30,9 +31,9 @@ class LowRankCross(nn.Module):
     @nn.compact
     def __call__(self, x0, x):
         d = x.shape[-1]
-        h = nn.Dense(self.rank, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="V")(x)
-        h = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="U")(h)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, dot_general=dense_dot_general)
+        h = nn.Dense(self.rank, use_bias=False, name="V", **kw)(x)
+        h = nn.Dense(d, name="U", **kw)(h)
         return x0 * h + x
 
 
@@ -71,7 +72,8 @@ class DCNv2(nn.Module):
         z = MLP(self.bottom, final_activation=True, name="bottom", **kw)(dense.astype(self.dtype))
         fields = [z[:, None, :], sparse_emb.astype(self.dtype)]
         for i, v in enumerate(vectors):
-            fields.append(nn.Dense(d, name=f"vector_{i}", **kw)(v.astype(self.dtype))[:, None, :])
+            fields.append(nn.Dense(d, name=f"vector_{i}", dot_general=dense_dot_general, **kw)(
+                v.astype(self.dtype))[:, None, :])
         x0 = jnp.concatenate(fields, axis=1).reshape(b, -1)               # [B, 27 * 128]
         x = x0
         for i in range(self.num_cross):

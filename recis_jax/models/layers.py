@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from recis_jax.models.dots import dense_dot_general
+
 Dtype = Any
 
 #: environment override for the attention backend: "xla" | "cudnn" (unset: automatic).
@@ -49,7 +51,8 @@ class MLP(nn.Module):
     def __call__(self, x):
         n = len(self.features)
         for i, f in enumerate(self.features):
-            x = nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype, name=f"dense_{i}")(x)
+            x = nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=dense_dot_general,
+                         name=f"dense_{i}")(x)
             if i < n - 1 or self.final_activation:
                 x = self.activation(x)
         return x
