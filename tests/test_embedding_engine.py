@@ -393,3 +393,27 @@ def test_engine_eviction_policy_on_the_global_step_clock():
     # id 1 was last seen at step 0: at step 3 its age 3 > 2, so it is gone; 2 and 3 stay.
     assert ht.export(state[pname].table)["ids"].tolist() == [2, 3]
     assert int(n[pname]) == 1
+
+
+def test_sorted_segment_sum_is_an_in_order_sum():
+    """dedup.sorted_segment_sum: per segment the left-to-right sum (bitwise, on the CPU's
+    scatter-add path), ids >= num_segments dropped, 16-bit data summed in float32."""
+    from recis_jax.embedding.dedup import sorted_segment_sum
+
+    rng = np.random.default_rng(0)
+    n, s = 3000, 40
+    seg = np.sort(rng.integers(0, s + 3, n)).astype(np.int32)        # ids s..s+2: dropped
+    x = (rng.standard_normal((n, 3)) * np.exp(3 * rng.standard_normal((n, 1)))).astype(np.float32)
+    want = np.zeros((s, 3), np.float32)
+    for i in range(n):
+        if seg[i] < s:
+            want[seg[i]] += x[i]
+    got = np.asarray(jax.jit(sorted_segment_sum, static_argnums=2)(jnp.asarray(x), jnp.asarray(seg), s))
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+    hot = sorted_segment_sum(jnp.full((4096, 2), 0.01, jnp.bfloat16), jnp.zeros(4096, jnp.int32), 1)
+    assert hot.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(hot, np.float32), 40.96, rtol=1e-2)
+    assert sorted_segment_sum(jnp.zeros((0, 2)), jnp.zeros(0, jnp.int32), 3).shape == (3, 2)

@@ -78,8 +78,12 @@ def sorted_segment_sum(data: jax.Array, segment_ids: jax.Array, num_segments: in
     if n == 0:
         return jnp.zeros((num_segments,) + data.shape[1:], data.dtype)
     if jax.default_backend() == "cpu":
-        return jnp.zeros((num_segments,) + data.shape[1:], data.dtype).at[segment_ids].add(
-            data, indices_are_sorted=True, mode="drop")
+        # float32 accumulator for 16-bit data: a sequential 16-bit sum of a hot ID's
+        # thousands of gradients would stall once the total dwarfs each term.
+        low = jnp.issubdtype(data.dtype, jnp.floating) and jnp.dtype(data.dtype).itemsize < 4
+        acc = jnp.float32 if low else data.dtype
+        return jnp.zeros((num_segments,) + data.shape[1:], acc).at[segment_ids].add(
+            data.astype(acc), indices_are_sorted=True, mode="drop").astype(data.dtype)
     starts = jnp.concatenate([jnp.ones(1, bool), segment_ids[1:] != segment_ids[:-1]])
 
     def combine(a, b):
