@@ -118,10 +118,11 @@ def write_initial_rows(init: Initializer, embedding: jax.Array, targets: jax.Arr
 
     The initializer is the costliest part of a lookup step when computed for every lane
     (8 random words per value for the truncated normal, and 14M lanes x 128 dims in a
-    DLRM-dcnv2 step on the GPU), yet once a job has run a while most lanes are known IDs. So the new lanes are compacted to the front and the
-    initializer runs over them in chunks of m lanes: zero iterations when nothing is new,
-    and at most `chunk_elems` random words live at once (the candidates of a whole step's
-    lanes would be [N, 8, dim] uint32, 14 GB for 3.5M lanes at dim 128). Each value
+    DLRM-dcnv2 step on the GPU), yet once a job has run a while most lanes are known IDs.
+    So the new lanes are compacted to the front and the initializer runs over them in
+    chunks of m lanes: zero iterations when nothing is new, and at most `chunk_elems`
+    random words live at once (the candidates of a whole step's lanes would be
+    [N, 8, dim] uint32, 14 GB for 3.5M lanes at dim 128). Each value
     depends on its own (table, id) only, so chunking changes no bit.
 
     On the GPU a step small enough for one chunk computes every lane instead, with no loop:
