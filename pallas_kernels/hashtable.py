@@ -289,8 +289,8 @@ def _find_kernel(t_ref, k_ref, v_ref, sk_ref, st_ref, sr_ref, ss_ref, rows_ref, 
     _store(slot_ref, slot, inb)
 
 
-def _claim_kernel(t_ref, k_ref, need_ref, ss_ref, _sr_in_ref, placed_ref, prev_ref, tomb_ref, sr_ref,
-                  *, n, s, block, max_probes, interpret, width):
+def _claim_kernel(t_ref, k_ref, need_ref, ss_ref, _sr_in_ref, placed_ref, prev_ref, tomb_ref, lost_ref,
+                  sr_ref, *, n, s, block, max_probes, interpret, width):
     # Lanes [block]: tables i32, keys i64, need i8. ss_ref: [S] state (read only).
     # sr_ref: [S] slot_rows, the output aliased to the input _sr_in_ref; all reads and
     # writes go through the output (in interpret mode the input ref keeps the old values).
@@ -366,6 +366,7 @@ def _claim_kernel(t_ref, k_ref, need_ref, ss_ref, _sr_in_ref, placed_ref, prev_r
     _store(placed_ref, placed, inb)
     _store(prev_ref, prev, inb)
     _store(tomb_ref, tomb.astype(jnp.int8), inb)
+    _store(lost_ref, (need & (placed < 0)).astype(jnp.int8), inb)
 
 
 def _lane_spec(block):
@@ -402,19 +403,20 @@ def _claim_call(slot_state, slot_rows, tables, keys, need, *, max_probes, config
     n, s, block = keys.shape[0], slot_state.shape[0], config.block
     kernel = functools.partial(_claim_kernel, n=n, s=s, block=block, max_probes=max_probes,
                                interpret=interpret, width=min(config.width, s))
-    placed, prev, tomb, claimed_rows = pl.pallas_call(
+    placed, prev, tomb, lost, claimed_rows = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32),
-                   jax.ShapeDtypeStruct((n,), jnp.int8), jax.ShapeDtypeStruct((s,), jnp.int32)),
+                   jax.ShapeDtypeStruct((n,), jnp.int8), jax.ShapeDtypeStruct((n,), jnp.int8),
+                   jax.ShapeDtypeStruct((s,), jnp.int32)),
         grid=(pl.cdiv(n, block),),
         in_specs=[_lane_spec(block)] * 3 + [_whole_spec(s)] * 2,
-        out_specs=(_lane_spec(block),) * 3 + (_whole_spec(s),),
-        input_output_aliases={4: 3},
+        out_specs=(_lane_spec(block),) * 4 + (_whole_spec(s),),
+        input_output_aliases={4: 4},
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps),
         interpret=interpret,
         name="hashtable_claim",
     )(tables.astype(jnp.int32), keys.astype(jnp.int64), need.astype(jnp.int8), slot_state, slot_rows)
-    return placed, prev, tomb != 0, claimed_rows
+    return placed, prev, tomb != 0, lost, claimed_rows
 
 
 def _config(config, default, interpret, n):
@@ -447,10 +449,14 @@ def insert_pallas(index: Index, tables, keys, rows, need, *, max_probes: int = 1
         return InsertResult(index, jnp.zeros(0, jnp.int32), jnp.zeros(0, bool),
                             decide(po) if decide is not None else po)
     cfg = _config(config, CLAIM_CONFIG, interpret, n)
-    placed, prev, tomb, claimed_rows = _claim_call(index.slot_state, index.slot_rows, tables, keys, need,
-                                                   max_probes=int(max_probes), config=cfg,
-                                                   interpret=interpret)
-    probe_overflow = jnp.sum(need & (placed < 0), dtype=jnp.int32) > 0
+    placed, prev, tomb, lost, claimed_rows = _claim_call(index.slot_state, index.slot_rows, tables, keys,
+                                                         need, max_probes=int(max_probes), config=cfg,
+                                                         interpret=interpret)
+    # Counted from the kernel's own flag, not from `need & (placed < 0)`: XLA made that
+    # reduction the root of a multi-output fusion with dozens of lane-wise siblings
+    # reading `need` / `placed`, all under the reduction's few blocks (47% of an H200
+    # DeepFM step, benchmarks/results/trace_deepfm_h200.md).
+    probe_overflow = jnp.max(lost) > 0
     overflow = decide(probe_overflow) if decide is not None else probe_overflow
     has = placed >= 0
     commit = jnp.where(has & ~overflow, placed, s)

@@ -116,6 +116,21 @@ class TestFusedUpdate:
             got = opt.apply(emb, slots, rows, grads, mask, jnp.int32(3), impl=impl, **kw)
             assert_close(got, want)
 
+    def test_nonfinite_count(self, impl):
+        # Counted where the update reads the gradients: live lanes only (a NaN in a
+        # padding lane is not counted), and the same rows as `nonfinite_rows`.
+        rng = np.random.default_rng(8)
+        opt = optim.make("rowwise_adagrad", **CASES["rowwise_adagrad"])
+        emb, slots = random_state(rng, opt)
+        rows, grads, mask = random_step(rng)
+        grads[np.flatnonzero(~mask)[0], 1] = np.nan
+        want = optim.nonfinite_rows(grads, mask)
+        assert int(want) == 2
+        for i in ("reference", impl):
+            got = opt.apply(emb, slots, rows, grads, mask, jnp.int32(1), impl=i, count_nonfinite=True)
+            assert int(got[2]) == int(want)
+            assert_close(got[:2], opt.apply(emb, slots, rows, grads, mask, jnp.int32(1), impl="reference"))
+
     def test_wide_rows_and_single_lane(self, impl):
         rng = np.random.default_rng(6)
         opt = optim.make("adagrad", **CASES["adagrad"])

@@ -326,10 +326,10 @@ class EmbeddingEngine:
             tbl = state[pname].table
             touched = jnp.sum(g.mask, dtype=jnp.int32)
             step = tbl.step + (touched > 0).astype(jnp.int32)
-            emb, slots = optimizer.apply(tbl.embedding, tbl.slots, g.rows, g.grads, g.mask, step, lr_step=lr_step)
+            emb, slots, nonfinite = optimizer.apply(tbl.embedding, tbl.slots, g.rows, g.grads, g.mask, step,
+                                                    lr_step=lr_step, count_nonfinite=True)
             out[pname] = state[pname]._replace(table=tbl._replace(embedding=emb, slots=slots, step=step))
-            finite = jnp.all(jnp.isfinite(g.grads), axis=1)
-            stats[pname] = {"touched": touched, "nonfinite": jnp.sum(g.mask & ~finite, dtype=jnp.int32)}
+            stats[pname] = {"touched": touched, "nonfinite": nonfinite}
         return out, stats
 
     def apply_gradients(self, state: dict[str, TableState], lookup: Lookup, row_grads: dict[str, jax.Array],

@@ -189,8 +189,9 @@ def _build(
         *,
         lr_step: jax.Array | int | None = None,
         lr: jax.Array | float | None = None,
+        count_nonfinite: bool = False,
         impl: str | None = None,
-    ) -> tuple[jax.Array, Slots]:
+    ):
         """Update the touched rows of `embedding` and `slots`; all other rows untouched.
 
         Args:
@@ -204,12 +205,15 @@ def _build(
           lr_step: the step a learning-rate schedule is evaluated at (the global step);
             defaults to `step`. Ignored for a constant learning rate.
           lr: a learning rate (float32 scalar) that overrides the factory's.
+          count_nonfinite: also return `nonfinite_rows(row_grads, mask)`, counted by
+            the update itself (the fused kernel reads each gradient once).
           impl: "reference" (XLA) | "pallas" (the fused kernel, GPU) | "interpret"; the
             default is XLA (see FUSED_UPDATE_BY_DEFAULT) unless RECIS_KERNELS is set.
 
         Returns:
-          `(embedding, slots)`, same shapes and dtypes. Rows whose gradient is not
-          finite are left unchanged (count them with `nonfinite_rows`).
+          `(embedding, slots)`, same shapes and dtypes, or `(embedding, slots,
+          nonfinite)` with count_nonfinite. Rows whose gradient is not finite are
+          left unchanged.
         """
         if lr is not None:
             lr_value = jnp.asarray(lr, jnp.float32)
@@ -220,7 +224,8 @@ def _build(
         # writes each touched row and its slots once (pallas_kernels/sparse_update.py).
         return sparse_update.sparse_update(
             row_update, embedding, {name: slots[name] for name in slot_names}, rows, row_grads,
-            mask, lr_value, t, clip_norm=clip_norm, impl=_update_impl(impl))
+            mask, lr_value, t, clip_norm=clip_norm, count_nonfinite=count_nonfinite,
+            impl=_update_impl(impl))
 
     return SparseOptimizer(init=init, apply=apply, slot_names=slot_names, reset=reset)
 

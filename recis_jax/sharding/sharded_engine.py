@@ -262,11 +262,10 @@ class ShardedEmbeddingEngine:
             tbl = state[p].table
             touched = jax.lax.psum(jnp.sum(g.mask, dtype=jnp.int32), AXIS)
             step = tbl.step + (touched > 0).astype(jnp.int32)
-            emb, slots = optimizer.apply(tbl.embedding, tbl.slots, g.rows, g.grads, g.mask, step, lr_step=lr_step)
+            emb, slots, nonfinite = optimizer.apply(tbl.embedding, tbl.slots, g.rows, g.grads, g.mask, step,
+                                                    lr_step=lr_step, count_nonfinite=True)
             out[p] = state[p]._replace(table=tbl._replace(embedding=emb, slots=slots, step=step))
-            finite = jnp.all(jnp.isfinite(g.grads), axis=1)
-            stats[p] = {"touched": touched,
-                        "nonfinite": jax.lax.psum(jnp.sum(g.mask & ~finite, dtype=jnp.int32), AXIS)}
+            stats[p] = {"touched": touched, "nonfinite": jax.lax.psum(nonfinite, AXIS)}
         return out, stats
 
     # -- host views ---------------------------------------------------------------------
