@@ -208,7 +208,7 @@ def _build(
           count_nonfinite: also return `nonfinite_rows(row_grads, mask)`, counted by
             the update itself (the fused kernel reads each gradient once).
           impl: "reference" (XLA) | "pallas" (the fused kernel, GPU) | "interpret"; the
-            default is XLA (see FUSED_UPDATE_BY_DEFAULT) unless RECIS_KERNELS is set.
+            default follows the backend (the kernel on a GPU; FUSED_UPDATE_BY_DEFAULT).
 
         Returns:
           `(embedding, slots)`, same shapes and dtypes, or `(embedding, slots,
