@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import recis_jax  # noqa: F401  (x64)
+from recis_jax import sorting
 from recis_jax.embedding import capacity
 from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.dedup import unique_keys
@@ -412,10 +413,13 @@ def test_counts_are_occurrences_before_dedup():
     assert dict(zip(ht.export(st)["ids"].tolist(), ht.export(st)["count"].tolist())) == {3: 2, 5: 10, 7: 2}
 
 
+@pytest.mark.parametrize("numpy_sorts", [True, False], ids=["cpu_numpy", "lax"])
 @pytest.mark.parametrize("n", [0, 1, 300])
-def test_sort_by_table_and_key_is_a_stable_lexsort(n):
-    """The two one-key sorts give a stable (table, key) sort: duplicates keep lane order;
-    int64 extremes and the invalid-table sentinel sort in place."""
+def test_sort_by_table_and_key_is_a_stable_lexsort(n, numpy_sorts, monkeypatch):
+    """Both paths (the CPU's packed NumPy sorts, the two one-key lax sorts used on the GPU)
+    give a stable (table, key) sort: duplicates keep lane order; int64 extremes and the
+    invalid-table sentinel sort in place."""
+    monkeypatch.setattr(sorting, "_numpy_sorts", lambda: numpy_sorts)
     rng = np.random.default_rng(n)
     keys = np.where(rng.random(n) < 0.3, rng.choice(SPECIAL, n), rng.integers(-5, 5, n)).astype(np.int64)
     tables = rng.choice(np.array([0, 1, 2, np.iinfo(np.int32).max], np.int32), n)
@@ -424,6 +428,19 @@ def test_sort_by_table_and_key_is_a_stable_lexsort(n):
     np.testing.assert_array_equal(np.asarray(order), want)
     np.testing.assert_array_equal(np.asarray(s_t), tables[want])
     np.testing.assert_array_equal(np.asarray(s_k), keys[want])
+
+
+def test_sort_u64_is_a_plain_sort():
+    """The CPU's NumPy sort (a host callback) returns what lax.sort does, duplicates and
+    the all-ones sentinel of the claim rounds included, also inside a while_loop."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.integers(0, 2**64 - 1, 500, dtype=np.uint64), np.full(40, 2**64 - 1, np.uint64),
+                        np.repeat(np.uint64(7), 30)])
+    rng.shuffle(x)
+    want = np.sort(x)
+    np.testing.assert_array_equal(np.asarray(jax.jit(sorting.sort_u64)(jnp.asarray(x))), want)
+    looped = jax.jit(lambda v: jax.lax.fori_loop(0, 3, lambda i, a: sorting.sort_u64(a[::-1]), v))
+    np.testing.assert_array_equal(np.asarray(looped(jnp.asarray(x))), want)
 
 
 def test_admission_through_engine_on_third_occurrence():

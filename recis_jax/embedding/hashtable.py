@@ -51,6 +51,7 @@ import numpy as np
 from pallas_kernels import dispatch
 from pallas_kernels import hashtable as ph
 from recis_jax.embedding.initializers import Initializer, write_initial_rows
+from recis_jax.sorting import sort_u64
 
 EMPTY, LIVE, TOMBSTONE = 0, 1, 2
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -368,7 +369,7 @@ def _claim_slots(state, tables, keys, need, max_probes):
             st = state.slot_state[pos]
             cand = active & (st != LIVE) & ~blocked(pos)
             slot_key = jnp.where(placed >= 0, u64(placed) << 33, u64(pos) << 33 | jnp.uint64(1 << 32))
-            key = jax.lax.sort(jnp.where((placed >= 0) | cand, slot_key | u64(lane), none))
+            key = sort_u64(jnp.where((placed >= 0) | cand, slot_key | u64(lane), none))
             by_lane = (key & jnp.uint64(0xFFFFFFFF)).astype(jnp.int32)
             first = jnp.concatenate([jnp.ones(1, bool), (key[1:] >> 33) != (key[:-1] >> 33)])
             head_wins = first & (key != none) & ((key >> 32) & jnp.uint64(1) == 1)
