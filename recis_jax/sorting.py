@@ -50,8 +50,9 @@ def sort_by_table_and_key(tables: jax.Array, keys: jax.Array):
     """
     # int64 -> uint64 keeping the order: flip the sign bit.
     k_u = jax.lax.bitcast_convert_type(keys, jnp.uint64) ^ jnp.uint64(1 << 63)
-    if _numpy_sorts() and 0 < keys.shape[0] < (1 << 32):
-        order = _packed_order([k_u & _LOW32, k_u >> np.uint64(32), tables.astype(jnp.uint64)])
+    if _numpy_sorts() and 0 < keys.shape[0] < (1 << 31):
+        t_u = tables.astype(jnp.uint32).astype(jnp.uint64)
+        order = _packed_order([k_u & _LOW32, k_u >> np.uint64(32), t_u])
         return tables[order], keys[order], order
     lane = jnp.arange(keys.shape[0], dtype=jnp.int32)
     _, by_key = jax.lax.sort((k_u, lane), num_keys=1, is_stable=True)
@@ -61,7 +62,7 @@ def sort_by_table_and_key(tables: jax.Array, keys: jax.Array):
 
 def _packed_order(digits: list[jax.Array]) -> jax.Array:
     """int32 [N]: the lanes stably sorted by `digits` (uint64 [N] each, < 2**32, least
-    significant first; N < 2**32). An LSD sort: each pass sorts `digit << 32 | position`
+    significant first; N < 2**31). An LSD sort: each pass sorts `digit << 32 | position`
     (the lane's position after the previous pass), one array of distinct values."""
     pos = jnp.arange(digits[0].shape[0], dtype=jnp.uint64)
     order = None
