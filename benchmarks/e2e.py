@@ -10,6 +10,9 @@ runs in its own process (JAX preallocates most of the GPU memory) with the same 
 `num_batches` generated batches placed on the device before timing and cycled; the first
 step (compilation) timed apart; warm-up steps; then windows of steps with one device sync
 per window; step time = median window / steps per window; samples/s = batch / step time.
+With `--multi-step W`, workload W's recis-jax side also runs with `train.steps_per_call`
+= --window-steps (`make_multi_step`: one call runs a window's steps over its stacked
+batches, so the host dispatches once per window; the same steps per sync as the others).
 
 recis-jax runs the `recis-jax train` step (`recis_jax.train.step.make_train_step`: feature
 ops -> dedup -> hashtable find_or_insert -> gather + pooling -> Flax model -> loss ->
@@ -155,7 +158,7 @@ def run_jax(a) -> dict:
     import recis_jax  # noqa: F401,I001  (enables x64)
     from recis_jax.embedding.engine import EmbeddingEngine
     from recis_jax.train import recipes
-    from recis_jax.train.step import init_state, make_train_step
+    from recis_jax.train.step import init_state, make_multi_step, make_train_step, stack_batches
 
     w = D.WORKLOADS[a.workload]
     platform = jax.default_backend()
@@ -182,24 +185,33 @@ def run_jax(a) -> dict:
     engine = EmbeddingEngine(opts, seed=cfg.seed)
     slots = 1.0 / w.dim if cfg.train.sparse_optimizer == "rowwise_adagrad" else 2.0
     bytes_per_step = statistics.mean(D.sparse_bytes(w, b, slots) for b in host)
-    mask = jax.device_put(np.ones(micro.batch, bool))
-    dev = [tuple({"features": jax.device_put(recipe.features.host_transform(jax_batch(micro, p)["features"])),
-                  "mask": mask} for p in split_rows(w, b, accum)) for b in host]
-    dev = [d if accum > 1 else d[0] for d in dev]
+    mask = np.ones(micro.batch, bool)
+    hb = [tuple({"features": recipe.features.host_transform(jax_batch(micro, p)["features"]), "mask": mask}
+                for p in split_rows(w, b, accum)) for b in host]
+    hb = [d if accum > 1 else d[0] for d in hb]
     del host
-    jax.block_until_ready(dev)
-    first_micro = dev[0][0] if accum > 1 else dev[0]
+    first_micro = jax.device_put(hb[0][0] if accum > 1 else hb[0])
     state = init_state(recipe.task, engine, recipe.features, recipe.dense_tx, recipe.sparse_opt, first_micro,
                        cfg.seed)
     step = make_train_step(recipe.task, engine, recipe.features, recipe.dense_tx, recipe.sparse_opt,
                            accum_steps=accum)
+    # S > 1: one call runs S steps (make_multi_step) over S stacked consecutive batches,
+    # and a window is window_steps / S calls (the same steps per sync as S = 1).
+    s = a.steps_per_call
+    if a.window_steps % s:
+        raise ValueError(f"--window-steps {a.window_steps} is not a multiple of --steps-per-call {s}")
+    if s > 1:
+        step = make_multi_step(step)
+        hb = [stack_batches([hb[(j + t) % len(hb)] for t in range(s)]) for j in range(0, len(hb), s)]
+    dev = jax.block_until_ready(jax.device_put(hb))
+    del hb
     t0 = time.perf_counter()
     state, m = step(state, dev[0])
     jax.block_until_ready((state, m))
     first = time.perf_counter() - t0
     skipped = [m["skipped"]]
     i = 1
-    for _ in range(a.warmup):
+    for _ in range(-(-a.warmup // s)):
         state, m = step(state, dev[i % len(dev)])
         skipped.append(m["skipped"])
         i += 1
@@ -207,15 +219,15 @@ def run_jax(a) -> dict:
     windows = []
     for _ in range(a.windows):
         t0 = time.perf_counter()
-        for _ in range(a.window_steps):
+        for _ in range(a.window_steps // s):
             state, m = step(state, dev[i % len(dev)])
             skipped.append(m["skipped"])
             i += 1
         jax.block_until_ready((state, m))
         windows.append(time.perf_counter() - t0)
-    if any(bool(s) for s in jax.device_get(skipped)):
+    if any(np.any(x) for x in jax.device_get(skipped)):
         raise RuntimeError(f"{w.name}: a step overflowed its tables (skipped): the row estimate is wrong")
-    loss = float(m["loss"])
+    loss = float(np.asarray(m["loss"]).reshape(-1)[-1])
     if not np.isfinite(loss):
         raise RuntimeError(f"{w.name}: loss is {loss}")
     step_s = statistics.median(windows) / a.window_steps
@@ -236,7 +248,8 @@ def run_jax(a) -> dict:
             "workload": w.name, "dist": a.dist, "mode": "hashtable", "batch": w.batch, "first_step_s": first,
             "step_s": step_s, "samples_per_s": w.batch / step_s, "window_s": windows, "peak_mem_bytes": peak,
             "dense_step_s": dense_s, "sparse_bytes_per_step": bytes_per_step, "loss": loss,
-            "table_rows": {p: int(r) for p, r in engine.num_rows.items()}, "dense_dtype": cfg.model.dtype, "accum_steps": accum, **probe}
+            "table_rows": {p: int(r) for p, r in engine.num_rows.items()}, "dense_dtype": cfg.model.dtype,
+            "accum_steps": accum, "steps_per_call": s, **probe}
 
 
 def dense_only_step(recipe, engine, state, dev, a) -> float:
@@ -302,7 +315,7 @@ def derive(rows: list[dict]) -> list[dict]:
     for wname, dist in keys:
         w = D.WORKLOADS[wname]
         group = [r for r in rows if r.get("workload") == wname and r.get("dist") == dist]
-        ours = next((r for r in group if r["framework"] == "recis-jax"), None)
+        ours = next((r for r in group if r["framework"] == "recis-jax"), None)  # bytes: any of its runs
         # the machine's limits: the best probe of the group's processes (XLA:CPU's copy runs
         # on one thread, so on the CPU torch's probe is the higher one)
         probe = {k: max(r[k] for r in group) for k in ("copy_gbps", "matmul_tflops")}
@@ -320,17 +333,24 @@ def derive(rows: list[dict]) -> list[dict]:
                  "bound_samples_per_s": bound, "bound_by": "bandwidth" if bytes_ps / bw > flops_ps / peak else "flops",
                  "runs": {}}
         for r in group:
-            name = r["framework"] if r["framework"] == "recis-jax" else f"torch-{r['mode']}" + \
-                ("-compile" if r.get("compile") else "")
+            if r["framework"] == "recis-jax":
+                s = r.get("steps_per_call", 1)
+                name = "recis-jax" + (f"-s{s}" if s > 1 else "")
+            else:
+                name = f"torch-{r['mode']}" + ("-compile" if r.get("compile") else "")
             sps = r["samples_per_s"]
             entry["runs"][name] = {"samples_per_s": sps, "step_ms": 1e3 * r["step_s"],
                                    "first_step_s": r["first_step_s"], "peak_mem_gb": (r.get("peak_mem_bytes") or 0) / 1e9,
                                    "of_bound": sps / bound, "mbu": bytes_ps * sps / bw, "mfu": flops_ps * sps / peak}
             if r["framework"] == "recis-jax":
                 entry["runs"][name]["dense_share"] = r["dense_step_s"] / r["step_s"]
-        for name, run in entry["runs"].items():
-            if name != "recis-jax" and "recis-jax" in entry["runs"]:
-                entry[f"ratio_vs_{name}"] = entry["runs"]["recis-jax"]["samples_per_s"] / run["samples_per_s"]
+        # recis-jax at its best: one step per call, or several (make_multi_step) where run.
+        mine = [n for n in entry["runs"] if n.startswith("recis-jax")]
+        if mine:
+            entry["best_recis-jax"] = best = max(mine, key=lambda n: entry["runs"][n]["samples_per_s"])
+            for name, run in entry["runs"].items():
+                if not name.startswith("recis-jax"):
+                    entry[f"ratio_vs_{name}"] = entry["runs"][best]["samples_per_s"] / run["samples_per_s"]
         # PyTorch at its best: eager or torch.compile, whichever was faster in this run.
         for mode in ("static", "mapped"):
             cands = [n for n in (f"torch-{mode}", f"torch-{mode}-compile") if f"ratio_vs_{n}" in entry]
@@ -360,14 +380,19 @@ def markdown(env: dict, derived: list[dict], failures: list[dict], args) -> str:
             lines.append(f"| {e['workload']} (B {e['batch']:,}) | {e['dist']} | {name} | {r['samples_per_s']:,.0f} | "
                          f"{r['step_ms']:.2f} | {r['first_step_s']:.1f} | {r['peak_mem_gb']:.1f} | "
                          f"{100 * r['of_bound']:.1f}% | {100 * r['mbu']:.1f}% | {100 * r['mfu']:.1f}% |")
-    lines += ["", "Ratios against PyTorch at its best in the run: eager, or torch.compile where that was faster "
-              "(marked c).", "",
+    lines += ["", "Ratios of recis-jax at its best (one step per call, or several steps per call where that "
+              "ran and was faster, marked s: `train.steps_per_call`, recis-jax-sN rows) to PyTorch at its best "
+              "in the run: eager, or torch.compile where that was faster (marked c).", "",
               "| workload | IDs | recis-jax / torch-static | recis-jax / torch-mapped | bound samples/s (by) | "
               "bytes/sample | MFLOP/sample | recis-jax dense share of step |", "|---|---|---:|---:|---:|---:|---:|---:|"]
 
     def ratio(e, mode):
         r = e.get(f"ratio_vs_best_torch-{mode}")
-        return "-" if r is None else f"{r:.2f}x" + (" c" if e[f"best_torch-{mode}"].endswith("-compile") else "")
+        if r is None:
+            return "-"
+        marks = ("s" if e["best_recis-jax"] != "recis-jax" else "") + \
+            ("c" if e[f"best_torch-{mode}"].endswith("-compile") else "")
+        return f"{r:.2f}x" + (f" {marks}" if marks else "")
 
     for e in derived:
         lines.append(f"| {e['workload']} | {e['dist']} | {ratio(e, 'static')} | {ratio(e, 'mapped')} | "
@@ -407,7 +432,8 @@ def chart(derived: list[dict], path: pathlib.Path, title: str) -> None:
         runs = [e["runs"].get(e.get(f"best_{name}", name), {}) for e in derived]  # torch: eager or compiled
         sps = [r.get("samples_per_s", 0) for r in runs]
         frac = [100 * r.get("of_bound", 0) for r in runs]
-        label = name if name == "recis-jax" else f"{name} (best of eager / compiled)"
+        label = f"{name} (best of 1 / N steps per call)" if name == "recis-jax" else \
+            f"{name} (best of eager / compiled)"
         axes[0].bar(x + (k - 1) * 0.27, sps, 0.27, label=label)
         axes[1].bar(x + (k - 1) * 0.27, frac, 0.27, label=label)
     axes[0].set_yscale("log")
@@ -429,6 +455,8 @@ def main() -> None:
     ap.add_argument("--frameworks", default="jax,torch-static,torch-mapped")
     ap.add_argument("--torch-python", default=sys.executable)
     ap.add_argument("--torch-compile", default="", help="workloads whose torch runs also run with --compile")
+    ap.add_argument("--multi-step", default="", help="workloads whose recis-jax run also runs with "
+                                                     "--window-steps steps per call (make_multi_step)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--windows", type=int, default=None)
     ap.add_argument("--window-steps", type=int, default=None)
@@ -444,6 +472,7 @@ def main() -> None:
     ap.add_argument("--dist", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--accum", type=int, default=0, help="(one run) micro-batches per step (0: per workload)")
+    ap.add_argument("--steps-per-call", type=int, default=1, help="(one run) steps per device call")
     ap.add_argument("--profile", default="", help="(one run) write a jax.profiler trace of 3 steps here")
     a = ap.parse_args()
     gpu = a.device == "gpu"
@@ -467,10 +496,12 @@ def main() -> None:
     for wname in workloads:
         for dist in a.dists.split(","):
             tag = f"{wname}_{dist}"
-            if "jax" in frameworks:
-                out = tmp / f"{tag}_jax.json"
+            for s in ([1, a.window_steps] if wname in a.multi_step.split(",") else [1]):
+                if "jax" not in frameworks:
+                    break
+                out = tmp / f"{tag}_jax_s{s}.json"
                 cmd = [sys.executable, __file__, "--one", "--device", a.device, "--workload", wname, "--dist", dist,
-                       "--result", str(out)] + timing
+                       "--result", str(out), "--steps-per-call", str(s)] + timing
                 rows.append(_run_one(cmd, out, a.timeout, env))
             for mode in ("static", "mapped"):
                 if f"torch-{mode}" not in frameworks:

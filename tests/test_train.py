@@ -364,3 +364,51 @@ def test_multitask_with_weights(tmp_path):
     bad = Task(r.task.module, r.task.inputs, labels=("label", "label"))   # DeepFM has one logit
     with pytest.raises(ValueError, match="2 label"):
         Trainer(bad, r.engine, r.dense_tx, r.sparse_opt, features=r.features).fit(train, num_steps=1)
+
+
+def _count_calls(trainer):
+    """Wraps the trainer's multi-step function; returns the list of its calls' sizes."""
+    calls, inner = [], trainer._train_steps
+
+    def counted(state, batches):
+        calls.append(int(np.shape(batches["mask"])[0]))
+        return inner(state, batches)
+
+    trainer._train_steps = counted
+    return calls
+
+
+def test_steps_per_call_trains_like_single_steps(tmp_path):
+    cfg = small_config("--config.train.log_every=5", "--config.train.checkpoint_every=10")
+    single, _ = fit(cfg, tmp_path / "single")
+    cfg = small_config("--config.train.log_every=5", "--config.train.checkpoint_every=10",
+                       "--config.train.steps_per_call=3")
+    recipe = recipes.build(cfg)
+    multi = train_main.make_trainer(cfg, str(tmp_path / "multi"), recipe)
+    calls = _count_calls(multi)
+    tr, ev, _ = train_main.data_paths(cfg, str(tmp_path / "multi"))
+    summary = multi.fit(*train_main.make_readers(cfg, recipe, tr, ev)[:1], num_steps=None)
+    # 19 steps; hooks after 5, 10, 15: calls of 3 where none falls inside, the rest alone
+    assert calls == [3, 3, 3, 3] and summary["steps"] == 19
+    assert_same_model(single, multi)
+    logs = lambda d: [x["step"] for x in map(json.loads, open(d / "metrics.jsonl")) if x["kind"] == "train"]  # noqa: E731
+    assert logs(tmp_path / "multi") == logs(tmp_path / "single") == [5, 10, 15, 19]
+    assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == sorted(
+        os.listdir(tmp_path / "single" / "checkpoints"))
+
+
+def test_steps_per_call_reruns_an_overflowed_step(tmp_path, monkeypatch):
+    """No headroom check: tiny tables overflow inside calls; every overflowed step is
+    rerun after growing, so no batch is lost and every ID gets its row."""
+    big, _ = fit(small_config("--config.embedding.num_rows=4096"), tmp_path / "big")
+    monkeypatch.setattr(Trainer, "_ensure_room", lambda self, lanes, force=False: None)
+    cfg = small_config("--config.embedding.num_rows=2", "--config.train.steps_per_call=4",
+                       "--config.train.log_every=0", "--config.train.checkpoint_every=0")
+    recipe = recipes.build(cfg)
+    small = train_main.make_trainer(cfg, str(tmp_path / "small"), recipe)
+    calls = _count_calls(small)
+    tr, ev, _ = train_main.data_paths(cfg, str(tmp_path / "small"))
+    summary = small.fit(train_main.make_readers(cfg, recipe, tr, ev)[0])
+    assert calls and summary["steps"] == 19 and summary["counts"]["overflow"] > 0
+    assert summary["examples"] == 1200
+    assert rows_by_id(small).keys() == rows_by_id(big).keys()

@@ -180,3 +180,10 @@ def test_eviction_on_sharded_tables_matches_one_device(tmp_path):
     assert one._counts["evicted"] > 0 and one._counts["evicted"] == two._counts["evicted"]
     assert s1["table_sizes"] == s2["table_sizes"]
     assert_close(one, two)
+
+
+@pytest.mark.parametrize("kw", [{"accum_steps": 2}, {"steps_per_call": 2}])
+def test_unsupported_options_raise(kw):
+    r = recipes.build(small_config())
+    with pytest.raises(ValueError, match="not supported by the sharded trainer"):
+        ShardedTrainer(r.task, r.engine, r.dense_tx, r.sparse_opt, mesh=make_mesh(2), features=r.features, **kw)

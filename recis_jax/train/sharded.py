@@ -214,6 +214,8 @@ class ShardedTrainer(Trainer):
         super().__init__(task, engine, dense_tx, sparse_opt, **kwargs)
         if self.accum_steps != 1:
             raise ValueError("gradient accumulation is not supported by the sharded trainer yet")
+        if self.steps_per_call != 1:
+            raise ValueError("steps_per_call > 1 is not supported by the sharded trainer yet")
         self._build_steps()
 
     def _build_steps(self) -> None:
@@ -222,11 +224,11 @@ class ShardedTrainer(Trainer):
                                                                self.dense_tx, self.sparse_opt, self.zero, template)
 
     # -- batches: split the global batch into one row block per device ---------------------
-    def device_batch(self, batch) -> dict:
-        feats = self.features.host_transform(batch.features) if self.features is not None else batch.features
+    def _to_device(self, host) -> dict:
+        feats = host["features"]
         local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
         k = len(local)
-        b = len(batch.mask)
+        b = len(host["mask"])
         if b % k:
             raise ValueError(f"batch size {b} is not divisible by the {k} local devices of the mesh")
         ragged = {n: v for n, v in feats.items() if isinstance(v, Ragged)}
@@ -244,7 +246,7 @@ class ShardedTrainer(Trainer):
                 v = np.asarray(v)
                 for i in range(k):
                     parts[i][name] = v[i * (b // k):(i + 1) * (b // k)]
-        mask = np.asarray(batch.mask)
+        mask = np.asarray(host["mask"])
         per_device = [{"features": parts[i], "mask": mask[i * (b // k):(i + 1) * (b // k)]} for i in range(k)]
         if jax.process_count() > 1:
             return put_process_local(self.mesh, per_device)
@@ -358,7 +360,7 @@ class ShardedTrainer(Trainer):
             self.sharded._bucket_capacity = want
             self._build_steps()
 
-    def _grow_after_overflow(self, pending, m: dict) -> None:
+    def _grow_after_overflow(self, batch, m: dict) -> None:
         """An insert overflow doubles the table's rows per shard; a bucket overflow
         doubles its bucket capacity (the steps re-jit for the new shapes)."""
         full = [p for p, t in m["tables"].items() if t["insert_overflow"]]

@@ -35,6 +35,7 @@ machine.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -55,7 +56,8 @@ from recis_jax.embedding.engine import EmbeddingEngine
 from recis_jax.io.reader import Batch, Reader, ReaderState
 from recis_jax.metrics import streaming
 from recis_jax.train.hooks import MetricsWriter, Profiler, ProgressLogger, Timer
-from recis_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
+from recis_jax.train.step import (TrainState, init_state, make_eval_step, make_multi_step, make_train_step,
+                                  same_shapes, stack_batches)
 from recis_jax.train.task import Task
 
 
@@ -67,8 +69,8 @@ class TrainingError(RuntimeError):
 class _Pending:
     """A dispatched step whose metrics the host has not looked at yet."""
 
-    batch: Any          # the device batch (kept to rerun it after an overflow)
-    metrics: dict       # device scalars
+    batches: list       # its batches (host trees, kept to rerun one after an overflow)
+    metrics: dict       # device scalars ([S] each for a call of S > 1 steps)
     reader: ReaderState | None
     examples: int
 
@@ -90,6 +92,10 @@ class Trainer:
         it has a workdir).
       keep_last, keep_every: checkpoint retention.
       accum_steps: micro-batches per update (sparse gradient accumulation).
+      steps_per_call: steps dispatched as one device call (`step.make_multi_step`) when no
+        log / eval / checkpoint / eviction / profile / num_steps boundary falls inside
+        them (those steps go one by one), so hooks run at the same steps as with 1.
+        Worth it when the host dispatches a step slower than the device runs it.
       max_rows: per-table row budget for growth ({table: rows} or one int; None: no cap).
       profile: (start, stop) steps to trace, or None.
       tensorboard: write event files when a writer is importable.
@@ -100,7 +106,8 @@ class Trainer:
     def __init__(self, task: Task, engine: EmbeddingEngine, dense_tx: optax.GradientTransformation, sparse_opt,
                  *, features=None, workdir: str | None = None, seed: int = 0, log_every: int | None = 100,
                  eval_every: int | None = None, checkpoint_every: int | None = None, keep_last: int | None = 3,
-                 keep_every: int | None = None, accum_steps: int = 1, max_rows: int | dict | None = None,
+                 keep_every: int | None = None, accum_steps: int = 1, steps_per_call: int = 1,
+                 max_rows: int | dict | None = None,
                  profile: tuple[int, int] | None = None, tensorboard: bool = True, config_hash: str = "",
                  progress: ProgressLogger | None = None):
         self.task, self.engine, self.features = task, engine, features
@@ -108,10 +115,14 @@ class Trainer:
         self.workdir, self.seed = workdir, seed
         self.log_every, self.eval_every, self.checkpoint_every = log_every, eval_every, checkpoint_every
         self.accum_steps = accum_steps
+        if steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
+        self.steps_per_call = steps_per_call
         self.max_rows = max_rows
         self.config_hash = config_hash
         self.progress = progress or ProgressLogger()
         self._train_step = make_train_step(task, engine, features, dense_tx, sparse_opt, accum_steps)
+        self._train_steps = make_multi_step(self._train_step)
         self._eval_step = make_eval_step(task, engine, features)
         # Multi-process runs: every process writes its own table shards into one checkpoint
         # (the workdir must be on a filesystem all processes see); metrics come from process 0.
@@ -128,26 +139,59 @@ class Trainer:
         self._examples = self._examples_at_start = 0
 
     # -- batches ------------------------------------------------------------------------
+    def host_batch(self, batch: Batch) -> dict:
+        """Host Batch -> host dict {"features", "mask"} (host feature stage applied)."""
+        feats = self.features.host_transform(batch.features) if self.features is not None else batch.features
+        return {"features": feats, "mask": batch.mask}
+
     def device_batch(self, batch: Batch) -> dict:
         """Host Batch -> device dict {"features", "mask"} (host feature stage applied)."""
-        feats = self.features.host_transform(batch.features) if self.features is not None else batch.features
-        return jax.device_put({"features": feats, "mask": batch.mask})
+        return self._to_device(self.host_batch(batch))
+
+    def _to_device(self, host):
+        return jax.device_put(host)
 
     def _micro(self, batches: Iterable[Batch]):
-        """Yields (device batch or tuple of accum_steps of them, last Batch, examples)."""
+        """Yields (host batch or tuple of accum_steps of them, last Batch, examples)."""
         group = []
         for b in batches:
             group.append(b)
             if len(group) == self.accum_steps:
-                dev = [self.device_batch(g) for g in group]
-                yield (dev[0] if self.accum_steps == 1 else tuple(dev)), group[-1], sum(g.num_rows for g in group)
+                hb = [self.host_batch(g) for g in group]
+                yield (hb[0] if self.accum_steps == 1 else tuple(hb)), group[-1], sum(g.num_rows for g in group)
                 group = []
         if group:  # a short tail: pad with fully masked copies (they weigh nothing)
             last = group[-1]
             while len(group) < self.accum_steps:
                 group.append(Batch(last.features, np.zeros_like(last.mask), last.state))
-            dev = [self.device_batch(g) for g in group]
-            yield tuple(dev), last, sum(g.num_rows for g in group)
+            yield tuple(self.host_batch(g) for g in group), last, sum(g.num_rows for g in group)
+
+    def _calls(self, units, at: Callable[[], int], num_steps: int | None, evaluating: bool):
+        """Groups the (host batch, last Batch, examples) units into device calls: lists of
+        steps_per_call units when no hook is due inside the call and their shapes stack,
+        else single units. `at()`: the host step before the call."""
+        units = iter(units)
+        while True:
+            s = self.steps_per_call
+            if s > 1 and self._steps_to_boundary(at(), num_steps, evaluating) < s:
+                s = 1
+            group = list(itertools.islice(units, s))
+            if not group:
+                return
+            if len(group) == s and (s == 1 or same_shapes([g[0] for g in group])):
+                yield group
+            else:  # a short tail, or a batch of other shapes: one by one
+                yield from ([g] for g in group)
+
+    def _steps_to_boundary(self, step: int, num_steps: int | None, evaluating: bool) -> int:
+        """Steps from `step` to the next step after which a hook runs (log, eval,
+        checkpoint, eviction, profiler start / stop, num_steps)."""
+        every = [self.log_every, self.checkpoint_every, self.eval_every if evaluating else None]
+        every += [p.every for p in self.engine._eviction.values() if p is not None]
+        ahead = [e - step % e for e in every if e]
+        points = [num_steps] + ([self.profiler.start, self.profiler.stop] if self.profiler else [])
+        ahead += [p - step for p in points if p is not None and p > step]
+        return min(ahead, default=self.steps_per_call)
 
     # -- state --------------------------------------------------------------------------
     def init(self, sample: Batch) -> TrainState:
@@ -238,9 +282,19 @@ class Trainer:
 
     # -- steps --------------------------------------------------------------------------
     def _check(self, pending: _Pending) -> dict:
-        """Looks at a dispatched step's metrics: reruns it after growing on overflow,
-        raises on non-finite values, accumulates counters. Returns the (host) metrics."""
+        """Looks at a dispatched call's metrics: reruns each overflowed step's batch after
+        growing (in the call's order, after the call's other steps), raises on non-finite
+        values, accumulates counters. Returns the (host) metrics of the call's last step."""
         m = jax.device_get(pending.metrics)
+        n = len(pending.batches)
+        for j, batch in enumerate(pending.batches):
+            mj = m if n == 1 else jax.tree.map(lambda x: x[j], m)  # noqa: B023
+            self._check_step(self._recheck(batch, mj))
+        self._examples += pending.examples
+        return mj
+
+    def _recheck(self, batch, m: dict) -> dict:
+        """A step's metrics after rerunning its batch until it does not overflow."""
         attempts = 0
         while m["overflow"]:
             # The step wrote nothing: grow, then rerun the same batch.
@@ -248,9 +302,12 @@ class Trainer:
             if attempts > 8:
                 raise TrainingError(f"step {int(self.state.step)}: the tables still overflow after 8 growths")
             self._counts["overflow"] += 1
-            self._grow_after_overflow(pending, m)
-            self.state, metrics = self._train_step(self.state, pending.batch)
+            self._grow_after_overflow(batch, m)
+            self.state, metrics = self._train_step(self.state, self._to_device(batch))
             m = jax.device_get(metrics)
+        return m
+
+    def _check_step(self, m: dict) -> None:
         bad = [p for p, t in m["tables"].items() if int(t.get("nonfinite", 0)) > 0]
         if not math.isfinite(float(m["loss"])) or bad:
             step = int(self.state.step)
@@ -262,15 +319,13 @@ class Trainer:
         for t in m["tables"].values():
             self._counts["new"] += int(t["new"])
             self._counts["not_admitted"] += int(t["not_admitted"])
-        self._examples += pending.examples
-        return m
 
-    def _grow_after_overflow(self, pending: _Pending, m: dict) -> None:
+    def _grow_after_overflow(self, batch, m: dict) -> None:
         """Doubles every table's index, and its rows when they could not hold the batch."""
         tables = dict(self.state.tables)
         for p, ts in tables.items():
             t = ts.table
-            full = int(t.num_free) < self._lanes(pending.batch)[p]
+            full = int(t.num_free) < self._lanes(batch)[p]
             tables[p] = ts._replace(table=capacity.grow(self.engine.physical[p], t,
                                                         2 * t.capacity if full else t.capacity, 2 * t.num_slots))
         self.state = self.state._replace(tables=tables)
@@ -310,17 +365,22 @@ class Trainer:
         timer, pending, last_reader, finished = Timer(), None, start, True
         self.progress.total = num_steps
         batches = () if done else reader.batches(start)
-        for dev, last, examples in self._micro(batches):
+        for call in self._calls(self._micro(batches), lambda: host_step, num_steps, eval_reader is not None):
+            n, last, examples = len(call), call[-1][1], sum(u[2] for u in call)
+            hosts = [u[0] for u in call]
             if self.profiler:
                 self.profiler.before_step(host_step)
-            self._ensure_room(self._lanes(dev))
-            self.state, metrics = self._train_step(self.state, dev)
+            self._ensure_room({p: n * k for p, k in self._lanes(hosts[0]).items()})
+            if n == 1:
+                self.state, metrics = self._train_step(self.state, self._to_device(hosts[0]))
+            else:
+                self.state, metrics = self._train_steps(self.state, self._to_device(stack_batches(hosts)))
             if pending is not None:
                 self._check(pending)
-            pending = _Pending(dev, metrics, last.state, examples)
-            host_step += 1
+            pending = _Pending(hosts, metrics, last.state, examples)
+            host_step += n
             timer.examples += examples
-            timer.steps += 1
+            timer.steps += n
             if self.profiler:
                 self.profiler.after_step(host_step - 1, metrics["loss"])
             self._evict(host_step)
