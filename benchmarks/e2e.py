@@ -157,11 +157,14 @@ def run_jax(a) -> dict:
 
     import recis_jax  # noqa: F401,I001  (enables x64)
     from recis_jax.embedding.engine import EmbeddingEngine
+    from recis_jax.runtime import keep_freed_host_memory
     from recis_jax.train import recipes
     from recis_jax.train.step import init_state, make_multi_step, make_train_step, stack_batches
 
     w = D.WORKLOADS[a.workload]
     platform = jax.default_backend()
+    if platform == "cpu":  # as the Trainer does on the CPU
+        keep_freed_host_memory()
     # One pass per batch by default (dcnv2's 65536 x 214 lookups included: 29.7 GB peak on
     # an H200, tables and optimizer state included); --accum K splits a batch into K
     # accumulated micro-batches (same math, one update per batch).

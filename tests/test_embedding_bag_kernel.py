@@ -194,6 +194,20 @@ def test_sort_helpers():
                                   [0, 2, 3, 6, 7, 7, 7, 7, 7, 7])
 
 
+@pytest.mark.parametrize("c", [0, 1, 7, 300])
+def test_search_free_helpers_match_searchsorted(c):
+    """segment_of_positions / count_below are searchsorted without the search: splits
+    with repeats (empty segments), before 0, at and past c; keys of any order, out of range."""
+    rng = np.random.default_rng(c)
+    splits = np.sort(np.concatenate([rng.integers(-3, c + 5, 40), [0, 0, c, c]])).astype(np.int32)
+    want = np.searchsorted(splits, np.arange(c), side="right") - 1
+    np.testing.assert_array_equal(np.asarray(eb.segment_of_positions(jnp.asarray(splits), c)), want)
+    keys = rng.integers(-2, 12, c).astype(np.int32)
+    for n in (0, 5, 10, 14):
+        want = np.searchsorted(np.sort(keys), np.arange(n + 1), side="left")
+        np.testing.assert_array_equal(np.asarray(eb.count_below(jnp.asarray(keys), n)), want)
+
+
 def test_engine_pooling_kernel_path_matches_xla(monkeypatch):
     """recis_jax.embedding.pooling with the kernel (interpret) vs its XLA path: forward and
     gradients of expand + pool (sum, mean), incl. the expand backward's segment sum."""

@@ -55,6 +55,7 @@ from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.engine import EmbeddingEngine
 from recis_jax.io.reader import Batch, Reader, ReaderState
 from recis_jax.metrics import streaming
+from recis_jax.runtime import keep_freed_host_memory
 from recis_jax.train.hooks import MetricsWriter, Profiler, ProgressLogger, Timer
 from recis_jax.train.step import (TrainState, init_state, make_eval_step, make_multi_step, make_train_step,
                                   same_shapes, stack_batches)
@@ -121,6 +122,8 @@ class Trainer:
         self.max_rows = max_rows
         self.config_hash = config_hash
         self.progress = progress or ProgressLogger()
+        if jax.default_backend() == "cpu":
+            keep_freed_host_memory()  # XLA:CPU's per-step temporaries: no page faults (runtime.py)
         self._train_step = make_train_step(task, engine, features, dense_tx, sparse_opt, accum_steps)
         self._train_steps = make_multi_step(self._train_step)
         self._eval_step = make_eval_step(task, engine, features)
