@@ -88,10 +88,11 @@ def jax_config(w: D.Workload, platform: str):
         c.model.remat = w.seq_len > 4096
     c.features.dense_transform = "none"  # the generated numerics are used as given, on both sides
     c.embedding.init = "normal"  # new rows N(0, init_std), as the PyTorch tables' normal_(0, std)
-    # bf16 dense as PyTorch's autocast, except the sequence model on the CPU: XLA:CPU's
-    # bfloat16 attention is 6x slower than its float32 one (e2e_cpu.md).
+    # bf16 dense as PyTorch's autocast; the sequence model's attention and gelu in float32
+    # on the CPU, as autocast keeps softmax / gelu there (XLA:CPU's bfloat16 attention is
+    # 6x slower than its float32 one, e2e_cpu.md).
     if platform == "cpu" and w.seq_len:
-        c.model.dtype = "float32"
+        c.model.attention_dtype = "float32"
     c.train.batch_size = w.batch
     return c
 

@@ -24,7 +24,8 @@ def get_config(arg=None):
     c.data.generate.update(dict(num_files=8, rows_per_file=25_000, vocab_size=100_000))
     c.embedding.update(dict(num_rows=1 << 16, init_std=0.01))
     c.model = c.model.__class__(dict(name="seq_ctr", num_layers=4, hidden=256, num_heads=4, ffn=1024,
-                                     remat=False, mlp=(200, 80), dtype="bfloat16", param_dtype="float32"))
+                                     remat=False, mlp=(200, 80), dtype="bfloat16", param_dtype="float32",
+                                     attention_dtype=""))  # "": dtype; "float32" for bf16 on a CPU
     c.train.update(dict(batch_size=256, num_epochs=1, dense_optimizer="adamw", dense_lr=1e-3,
                         weight_decay=0.01, sparse_optimizer="adam", sparse_lr=1e-3, log_every=20))
     if arg == "long":

@@ -5,6 +5,7 @@ import importlib.util
 import pathlib
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -302,6 +303,34 @@ def test_transformer_remat_same_values_and_grads():
     (va, ga), (vb, gb) = run(plain), run(rem)
     np.testing.assert_allclose(vb, va, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), ga, gb)
+
+
+def test_transformer_attention_dtype():
+    """bfloat16 Dense layers with float32 attention and gelu: every dot but the
+    attention's takes bfloat16 operands, exp / erf / tanh see float32 only, and the
+    values stay close to the all-float32 model's."""
+    rng = np.random.default_rng(9)
+    seq = rng.standard_normal((2, 8, 4)).astype(np.float32)
+    mask = np.arange(8)[None] < np.array([[5], [8]])
+    kw = dict(num_layers=1, hidden=16, num_heads=2, ffn=32, attention_impl="xla")
+    mixed = SequenceTransformer(dtype=jnp.bfloat16, attention_dtype=jnp.float32, **kw)
+    params = mixed.init(jax.random.key(0), seq, mask)
+    eqns = [e for e in jax.make_jaxpr(mixed.apply)(params, seq, mask).eqns]
+
+    def walk(eqns):
+        for e in eqns:
+            yield e
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                yield from walk(sub.eqns)
+
+    eqns = list(walk(eqns))
+    dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in eqns if e.primitive.name == "dot_general"]
+    assert dots.count(("float32", "float32")) >= 2  # q.k and p.v (the f32 out_proj too)
+    assert dots.count(("bfloat16", "bfloat16")) >= 4  # qkv, out, ffn_in, ffn_out
+    math = [str(e.invars[0].aval.dtype) for e in eqns if e.primitive.name in ("exp", "erf", "tanh")]
+    assert math and set(math) == {"float32"}, math
+    f32 = SequenceTransformer(dtype=jnp.float32, **kw)
+    np.testing.assert_allclose(mixed.apply(params, seq, mask), f32.apply(params, seq, mask), atol=0.05)
 
 
 def test_stack_fields():

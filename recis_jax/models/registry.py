@@ -27,7 +27,9 @@ def from_config(cfg: Mapping[str, Any]):
     name = kw.pop("name")
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
-    for key in ("dtype", "param_dtype"):
+    if kw.get("attention_dtype") == "":
+        kw["attention_dtype"] = None  # configs: "" = the compute dtype
+    for key in ("dtype", "param_dtype", "attention_dtype"):
         if isinstance(kw.get(key), str):
             if kw[key] not in _DTYPES:
                 raise ValueError(f"{key} must be one of {sorted(_DTYPES)}, got {kw[key]!r}")

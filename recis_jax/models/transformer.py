@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from recis_jax.models.dots import dense_dot_general
 from recis_jax.models.layers import Dtype, dot_product_attention, layer_norm, mask_to_lengths
 
 
@@ -43,20 +44,22 @@ class TransformerBlock(nn.Module):
     attention_impl: str | None = None
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
+    attention_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x, lengths):
         b, length, h = x.shape
         hd = h // self.num_heads
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, dot_general=dense_dot_general)
+        inner = self.attention_dtype or self.dtype
         y = layer_norm("ln_attn")(x).astype(self.dtype)
-        qkv = nn.Dense(3 * h, name="qkv", **kw)(y).reshape(b, length, 3, self.num_heads, hd)
+        qkv = nn.Dense(3 * h, name="qkv", **kw)(y).reshape(b, length, 3, self.num_heads, hd).astype(inner)
         a = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths=lengths,
                                   causal=self.causal, implementation=self.attention_impl)
-        x = x + nn.Dense(h, name="out", **kw)(a.reshape(b, length, h))
+        x = x + nn.Dense(h, name="out", **kw)(a.reshape(b, length, h).astype(self.dtype))
         y = layer_norm("ln_ffn")(x).astype(self.dtype)
         y = nn.Dense(self.ffn, name="ffn_in", **kw)(y)
-        y = nn.gelu(y)
+        y = nn.gelu(y.astype(inner)).astype(self.dtype)
         return x + nn.Dense(h, name="ffn_out", **kw)(y)
 
 
@@ -71,6 +74,11 @@ class SequenceTransformer(nn.Module):
       remat: recompute each block in the backward pass (activation memory ~ 1 layer).
       attention_impl: "xla" | "cudnn" | None (automatic).
       dtype / param_dtype: compute / storage dtype.
+      attention_dtype: dtype of the attention (q, k, v, softmax) and the FFN's gelu; None:
+        dtype. float32 with a bfloat16 dtype on the CPU: XLA:CPU runs the Dense layers'
+        bfloat16 dots on AMX but its bfloat16 attention and elementwise math slowly
+        (bfloat16 attention 6x slower than float32, benchmarks/results/e2e_cpu.md), as
+        PyTorch's CPU autocast keeps softmax and gelu in float32.
     """
 
     num_layers: int = 2
@@ -83,6 +91,7 @@ class SequenceTransformer(nn.Module):
     attention_impl: str | None = None
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
+    attention_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, seq, mask=None):
@@ -96,12 +105,12 @@ class SequenceTransformer(nn.Module):
         b, length, _ = seq.shape
         lengths = None if mask is None else mask_to_lengths(mask)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.Dense(self.hidden, name="in_proj", **kw)(seq.astype(self.dtype))
+        x = nn.Dense(self.hidden, name="in_proj", dot_general=dense_dot_general, **kw)(seq.astype(self.dtype))
         x = x + sinusoidal_positions(length, self.hidden, self.dtype)[None]
         block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
         for i in range(self.num_layers):
             x = block(self.hidden, self.num_heads, self.ffn, self.causal, self.attention_impl,
-                      name=f"block_{i}", **kw)(x, lengths)
+                      attention_dtype=self.attention_dtype, name=f"block_{i}", **kw)(x, lengths)
         x = layer_norm("ln_final")(x)
         if self.out_dim is not None:
             # float32: the output feeds scores/losses directly, and it is small
@@ -138,8 +147,8 @@ class SequenceCTR(nn.Module):
     over [target, interest, other fields] gives the logit.
 
     Attributes: the encoder's num_layers / hidden / num_heads / ffn / remat /
-    attention_impl (see SequenceTransformer; its output is projected back to the item
-    dim), the DIN head's mlp widths, dtype / param_dtype.
+    attention_impl / attention_dtype (see SequenceTransformer; its output is projected
+    back to the item dim), the DIN head's mlp widths, dtype / param_dtype.
     """
 
     num_layers: int = 2
@@ -151,6 +160,7 @@ class SequenceCTR(nn.Module):
     mlp: Sequence[int] = (200, 80)
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
+    attention_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, target, seq, mask, other=None):
@@ -162,5 +172,5 @@ class SequenceCTR(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         enc = SequenceTransformer(self.num_layers, self.hidden, self.num_heads, self.ffn, causal=False,
                                   out_dim=target.shape[-1], remat=self.remat, attention_impl=self.attention_impl,
-                                  name="encoder", **kw)(seq, mask)
+                                  attention_dtype=self.attention_dtype, name="encoder", **kw)(seq, mask)
         return DIN(mlp=tuple(self.mlp), name="din", **kw)(target, enc, mask, other)
