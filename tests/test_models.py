@@ -4,6 +4,7 @@ bf16 vs f32, no float64 in the jaxpr, attention masks, loss numerics, multi-task
 import importlib.util
 import pathlib
 
+import flax.linen
 import jax
 import jax.extend.core
 import jax.numpy as jnp
@@ -550,3 +551,23 @@ def test_dense_dot_general_matches_lax_and_its_gradients(shape):
     assert ("custom_vjp" in jaxpr) == (jax.default_backend() == "cpu")
     assert "custom_vjp" not in str(jax.make_jaxpr(loss(dense_dot_general))(x.astype(jnp.float32),
                                                                           w.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_is_nn_dense_with_a_float32_bias_gradient(dtype):
+    """layers.Dense: nn.Dense's parameters and forward; the bias gradient of 8192 rows of
+    ones is exactly 8192 (autodiff of nn.Dense's bfloat16 add sums in bfloat16 on the
+    CPU, which stalls at 2048)."""
+    from recis_jax.models.layers import Dense
+
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 4096, 16)), jnp.float32)
+    ours, ref = Dense(8, dtype=dtype), flax.linen.Dense(8, dtype=dtype)
+    p_ours, p_ref = ours.init(jax.random.key(1), x), ref.init(jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, p_ours, p_ref)
+    np.testing.assert_array_equal(np.asarray(ours.apply(p_ours, x), np.float32),
+                                  np.asarray(ref.apply(p_ref, x), np.float32))
+    g = jax.jit(jax.grad(lambda p: jnp.sum(ours.apply(p, x).astype(jnp.float32))))(p_ours)
+    np.testing.assert_array_equal(np.asarray(g["params"]["bias"]), np.full(8, 8192, np.float32))
+    g_ref = jax.grad(lambda p: jnp.sum(ref.apply(p, x).astype(jnp.float32)))(p_ref)
+    np.testing.assert_allclose(np.asarray(g["params"]["kernel"]), np.asarray(g_ref["params"]["kernel"]),
+                               rtol=2e-2 if dtype == jnp.bfloat16 else 1e-5, atol=0.5)

@@ -17,8 +17,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from recis_jax.models.dots import dense_dot_general
-from recis_jax.models.layers import MLP, Dtype
+from recis_jax.models.layers import MLP, Dense, Dtype
 
 
 class LowRankCross(nn.Module):
@@ -31,9 +30,9 @@ class LowRankCross(nn.Module):
     @nn.compact
     def __call__(self, x0, x):
         d = x.shape[-1]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, dot_general=dense_dot_general)
-        h = nn.Dense(self.rank, use_bias=False, name="V", **kw)(x)
-        h = nn.Dense(d, name="U", **kw)(h)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Dense(self.rank, use_bias=False, name="V", **kw)(x)
+        h = Dense(d, name="U", **kw)(h)
         return x0 * h + x
 
 
@@ -72,7 +71,7 @@ class DCNv2(nn.Module):
         z = MLP(self.bottom, final_activation=True, name="bottom", **kw)(dense.astype(self.dtype))
         fields = [z[:, None, :], sparse_emb.astype(self.dtype)]
         for i, v in enumerate(vectors):
-            fields.append(nn.Dense(d, name=f"vector_{i}", dot_general=dense_dot_general, **kw)(
+            fields.append(Dense(d, name=f"vector_{i}", **kw)(
                 v.astype(self.dtype))[:, None, :])
         x0 = jnp.concatenate(fields, axis=1).reshape(b, -1)               # [B, 27 * 128]
         x = x0

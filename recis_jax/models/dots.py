@@ -1,4 +1,8 @@
-"""`dot_general` for nn.Dense layers whose bfloat16 weight gradient XLA:CPU runs slowly.
+"""The Dense layers' dot and bias add (`layers.Dense`), for XLA:CPU's bfloat16 gradients.
+
+`add_bias`: a bias add whose gradient is summed in float32 (see its docstring).
+`dense_dot_general`: the `dot_general` of layers whose bfloat16 weight gradient XLA:CPU
+runs slowly:
 
 XLA:CPU (jax 0.11.2) runs bfloat16 dots on AMX / AVX512-BF16 through its YNN fusions at
 1.1-1.7 TFLOP/s on a 2-core Xeon, but not a dot that contracts the lhs's leading
@@ -58,3 +62,33 @@ def _bwd(precision, preferred_element_type, res, g):
 
 
 _cpu_dense.defvjp(_fwd, _bwd)
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
+    """y [..., N] + b [N], whose bias gradient is summed in float32.
+
+    Autodiff of the plain add sums the output gradient over the batch in y's dtype: for
+    bfloat16 XLA:CPU accumulates in bfloat16, and a sum of 8192 gradients near 1 stalls
+    at 2048 (8 mantissa bits), a wrong bias gradient; it also ran that sum as a slow
+    reduce-window (55 ms for [8192, 1024] in a sequence model's step). Here the sum is a
+    float32-accumulated dot with a ones vector on the CPU (the YNN GEMV), a float32
+    reduction elsewhere, rounded to b's dtype at the end."""
+    return y + b
+
+
+def _add_bias_fwd(y, b):
+    return y + b, b
+
+
+def _add_bias_bwd(b, g):
+    g2 = g.reshape(-1, g.shape[-1])
+    if jax.default_backend() == "cpu":
+        db = lax.dot_general(jnp.ones((g2.shape[0],), g2.dtype), g2, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    else:
+        db = jnp.sum(g2, axis=0, dtype=jnp.float32)
+    return g, db.astype(b.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)

@@ -18,13 +18,40 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
-from recis_jax.models.dots import dense_dot_general
+from recis_jax.models.dots import add_bias, dense_dot_general
 
 Dtype = Any
 
 #: environment override for the attention backend: "xla" | "cudnn" (unset: automatic).
 ATTENTION_ENV = "RECIS_ATTENTION"
+
+
+class Dense(nn.Module):
+    """`nn.Dense` (the same parameters: kernel [in, features] lecun-normal, bias
+    [features] zeros; the same dtype promotion) with `dots.dense_dot_general` and
+    `dots.add_bias`: its bias gradient is summed in float32 (in bfloat16 it was wrong on
+    the CPU) and its bfloat16 weight gradient runs fast on XLA:CPU.
+
+    Input [..., in]; output [..., features] in `dtype` (None: promoted from the input and
+    the parameters).
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = dense_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else add_bias(y, bias)
 
 
 class MLP(nn.Module):
@@ -51,8 +78,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         n = len(self.features)
         for i, f in enumerate(self.features):
-            x = nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=dense_dot_general,
-                         name=f"dense_{i}")(x)
+            x = Dense(f, dtype=self.dtype, param_dtype=self.param_dtype, name=f"dense_{i}")(x)
             if i < n - 1 or self.final_activation:
                 x = self.activation(x)
         return x

@@ -20,8 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from recis_jax.models.dots import dense_dot_general
-from recis_jax.models.layers import Dtype, dot_product_attention, layer_norm, mask_to_lengths
+from recis_jax.models.layers import Dense, Dtype, dot_product_attention, layer_norm, mask_to_lengths
 
 
 def sinusoidal_positions(length: int, dim: int, dtype=jnp.float32):
@@ -50,17 +49,17 @@ class TransformerBlock(nn.Module):
     def __call__(self, x, lengths):
         b, length, h = x.shape
         hd = h // self.num_heads
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, dot_general=dense_dot_general)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         inner = self.attention_dtype or self.dtype
         y = layer_norm("ln_attn")(x).astype(self.dtype)
-        qkv = nn.Dense(3 * h, name="qkv", **kw)(y).reshape(b, length, 3, self.num_heads, hd).astype(inner)
+        qkv = Dense(3 * h, name="qkv", **kw)(y).reshape(b, length, 3, self.num_heads, hd).astype(inner)
         a = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths=lengths,
                                   causal=self.causal, implementation=self.attention_impl)
-        x = x + nn.Dense(h, name="out", **kw)(a.reshape(b, length, h).astype(self.dtype))
+        x = x + Dense(h, name="out", **kw)(a.reshape(b, length, h).astype(self.dtype))
         y = layer_norm("ln_ffn")(x).astype(self.dtype)
-        y = nn.Dense(self.ffn, name="ffn_in", **kw)(y)
+        y = Dense(self.ffn, name="ffn_in", **kw)(y)
         y = nn.gelu(y.astype(inner)).astype(self.dtype)
-        return x + nn.Dense(h, name="ffn_out", **kw)(y)
+        return x + Dense(h, name="ffn_out", **kw)(y)
 
 
 class SequenceTransformer(nn.Module):
@@ -105,7 +104,7 @@ class SequenceTransformer(nn.Module):
         b, length, _ = seq.shape
         lengths = None if mask is None else mask_to_lengths(mask)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.Dense(self.hidden, name="in_proj", dot_general=dense_dot_general, **kw)(seq.astype(self.dtype))
+        x = Dense(self.hidden, name="in_proj", **kw)(seq.astype(self.dtype))
         x = x + sinusoidal_positions(length, self.hidden, self.dtype)[None]
         block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
         for i in range(self.num_layers):
@@ -114,7 +113,7 @@ class SequenceTransformer(nn.Module):
         x = layer_norm("ln_final")(x)
         if self.out_dim is not None:
             # float32: the output feeds scores/losses directly, and it is small
-            x = nn.Dense(self.out_dim, dtype=jnp.float32, param_dtype=self.param_dtype,
+            x = Dense(self.out_dim, dtype=jnp.float32, param_dtype=self.param_dtype,
                          name="out_proj")(x)
         if mask is not None:
             x = jnp.where(mask[..., None], x, jnp.float32(0))
