@@ -371,7 +371,7 @@ def _count_calls(trainer):
     calls, inner = [], trainer._train_steps
 
     def counted(state, batches):
-        calls.append(int(np.shape(batches["mask"])[0]))
+        calls.append(int(np.shape(jax.tree.leaves(batches)[0])[0]))  # the leading (steps) axis
         return inner(state, batches)
 
     trainer._train_steps = counted
@@ -412,3 +412,17 @@ def test_steps_per_call_reruns_an_overflowed_step(tmp_path, monkeypatch):
     assert calls and summary["steps"] == 19 and summary["counts"]["overflow"] > 0
     assert summary["examples"] == 1200
     assert rows_by_id(small).keys() == rows_by_id(big).keys()
+
+
+def test_steps_per_call_with_accumulation(tmp_path):
+    """Calls of S steps whose steps are each K accumulated micro-batches: the same model."""
+    extra = ["--config.train.accum_steps=2", "--config.train.log_every=0", "--config.train.checkpoint_every=0"]
+    single, _ = fit(small_config(*extra), tmp_path / "single")
+    cfg = small_config(*extra, "--config.train.steps_per_call=3")
+    recipe = recipes.build(cfg)
+    multi = train_main.make_trainer(cfg, str(tmp_path / "multi"), recipe)
+    calls = _count_calls(multi)
+    tr, ev, _ = train_main.data_paths(cfg, str(tmp_path / "multi"))
+    summary = multi.fit(train_main.make_readers(cfg, recipe, tr, ev)[0])
+    assert calls == [3, 3, 3] and summary["steps"] == 10  # 19 batches -> 10 updates, the last padded
+    assert_same_model(single, multi)
