@@ -500,9 +500,8 @@ def main() -> None:
     for wname in workloads:
         for dist in a.dists.split(","):
             tag = f"{wname}_{dist}"
-            for s in ([1, a.window_steps] if wname in a.multi_step.split(",") else [1]):
-                if "jax" not in frameworks:
-                    break
+            calls = [1, a.window_steps] if wname in a.multi_step.split(",") else [1]
+            for s in (calls if "jax" in frameworks else []):
                 out = tmp / f"{tag}_jax_s{s}.json"
                 cmd = [sys.executable, __file__, "--one", "--device", a.device, "--workload", wname, "--dist", dist,
                        "--result", str(out), "--steps-per-call", str(s)] + timing

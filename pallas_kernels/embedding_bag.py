@@ -111,22 +111,20 @@ def _cdiv(a: int, b: int) -> int:
 
 # ----------------------------------------------------------------------------- reference
 
-def segment_of_positions(splits: jax.Array, c: int) -> jax.Array:
-    """int32 [C]: for each position p < c the number of splits <= p, minus 1, i.e.
-    `searchsorted(splits, arange(c), side="right") - 1` (for non-decreasing splits
-    [S + 1]: p's segment, -1 before splits[0], S from splits[S] on). A histogram of the
-    splits and a prefix sum: O(C + S), where the search is log2(S) gather passes (8x
-    faster on the CPU at 106k positions)."""
-    hist = jnp.zeros(c + 1, jnp.int32).at[jnp.clip(splits.astype(jnp.int32), 0, c)].add(1)
-    return jnp.cumsum(hist[:c], dtype=jnp.int32) - 1
-
-
 def count_below(keys: jax.Array, n: int) -> jax.Array:
     """int32 [n + 1]: for each r in 0..n the number of keys < r (int keys [C], any
     order), i.e. `searchsorted(sorted(keys), arange(n + 1), side="left")`: a histogram
-    (keys < 0 in bin 0, keys >= n past the end) and a prefix sum."""
+    (keys < 0 in bin 0, keys >= n past the end) and a prefix sum, O(C + n), where the
+    search is log2(C) gather passes (8x faster on the CPU at 106k lanes)."""
     bins = jnp.clip(keys.astype(jnp.int32), -1, n) + 1
     return jnp.cumsum(jnp.zeros(n + 2, jnp.int32).at[bins].add(1)[:n + 1], dtype=jnp.int32)
+
+
+def segment_of_positions(splits: jax.Array, c: int) -> jax.Array:
+    """int32 [C]: `searchsorted(splits, arange(c), side="right") - 1`, the number of
+    splits <= p minus 1 for each position p < c (for non-decreasing splits [S + 1]: p's
+    segment, -1 before splits[0], S from splits[S] on)."""
+    return count_below(splits, c)[1:] - 1
 
 
 @functools.partial(jax.jit, static_argnames=("mean",))
