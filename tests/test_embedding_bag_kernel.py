@@ -77,6 +77,20 @@ class TestSegmentGatherSum:
         want = np_segment_gather_sum(src, splits, idx, w, mean)
         np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL)
 
+    def test_one_item_per_step(self, impl):
+        # K = 1 (default_config's choice for one-item bags and the backward's unique
+        # rows): [G, 1, D] tiles; pieces of 4 items, so long bags still combine slots.
+        rng = np.random.default_rng(11)
+        splits, c = make_bags(rng, LENS, extra=3)
+        src = rng.standard_normal((20, 16)).astype(np.float32)
+        idx = rng.integers(-1, 20, c).astype(np.int32)
+        w = rng.standard_normal(c).astype(np.float32)
+        cfg = eb.Config(rows=1, lanes=4, piece=4, num_warps=4, combine_rows=4)
+        assert eb.default_config(16, 1.0).rows == 1
+        got = run_sgs(impl, src, splits, idx, w, config=cfg)
+        np.testing.assert_allclose(np.asarray(got), np_segment_gather_sum(src, splits, idx, w),
+                                   rtol=RTOL, atol=ATOL)
+
     @pytest.mark.parametrize("d", [3, 9, 24])
     def test_width_not_a_power_of_2(self, impl, d):
         # DeepFM's fused rows are 8 + 1 wide: tiles of the next power of 2, columns >= d
@@ -240,44 +254,52 @@ def test_engine_pooling_kernel_path_matches_xla(monkeypatch):
 @pytest.mark.parametrize("impl", ["reference", "interpret", "pallas"])
 def test_pool_unique_matches_expand_then_pool(monkeypatch, impl):
     """pool_unique (bags straight from unique rows) == pool(expand(...)) per feature:
-    pooled sums and the gradients w.r.t. the unique rows and the weights, for two
+    pooled sums and the gradients w.r.t. the unique rows and the weights, for three
     features sharing one lookup (duplicates across them, empty bags, padding lanes,
-    invalid lanes, with and without weights)."""
+    invalid lanes, with and without weights). The kernel pools features 0 and 2 (long
+    bags) in one call and feature 1 (short bags) in another."""
     from recis_jax.embedding import dedup, pooling
 
     if impl == "pallas" and not ON_GPU:
         pytest.skip("compiled kernel: GPU only")
     monkeypatch.setenv(dispatch.ENV_VAR, impl)
     rng = np.random.default_rng(5)
-    (sa, ca), (sb, cb) = make_bags(rng, LENS, extra=3), make_bags(rng, [2, 0, 5, 1], extra=1)
-    n = ca + cb
+    feats = [make_bags(rng, LENS, extra=3), make_bags(rng, [2, 0, 5, 1], extra=1),
+             make_bags(rng, [30, 0, 17, 40], extra=0)]
+    if impl != "reference":
+        starts = np.cumsum([0] + [c for _, c in feats])
+        offsets = np.cumsum([0] + [len(sp) - 1 for sp, _ in feats])
+        groups = pooling._config_groups(8, tuple(starts), tuple(offsets), impl)
+        assert [g for _, g in groups] == [(0, 2), (1,)]
+    caps = [c for _, c in feats]
+    n = sum(caps)
     keys = rng.integers(0, 9, n).astype(np.int64)
-    valid = np.concatenate([np.arange(ca) < sa[-1], np.arange(cb) < sb[-1]])
+    valid = np.concatenate([np.arange(c) < sp[-1] for sp, c in feats])
     u = dedup.unique_keys(jnp.zeros(n, jnp.int32), jnp.asarray(keys), jnp.asarray(valid))
-    rid = [np.searchsorted(sp[1:], np.arange(c), side="right").astype(np.int32) for sp, c in ((sa, ca), (sb, cb))]
+    rid = [jnp.asarray(np.searchsorted(sp[1:], np.arange(c), side="right").astype(np.int32)) for sp, c in feats]
     rows = jnp.asarray(rng.standard_normal((n, 8)), jnp.float32)
-    wa = jnp.asarray(rng.random(ca), jnp.float32)
-    splits = [jnp.asarray(sa), jnp.asarray(sb)]
+    w0 = jnp.asarray(rng.random(caps[0]), jnp.float32)
+    w2 = jnp.asarray(rng.random(caps[2]), jnp.float32)
+    splits = [jnp.asarray(sp) for sp, _ in feats]
 
     def scale(out):
         return jnp.sum(out * jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape))
 
-    def fused(rows, wa):
+    def fused(rows, w0, w2):
         outs = pooling.pool_unique(rows, u.inverse, u.order, u.sorted_segment,
-                                   [(splits[0], jnp.asarray(rid[0]), wa), (splits[1], jnp.asarray(rid[1]), None)])
+                                   list(zip(splits, rid, [w0, None, w2])))
         return sum(scale(o) for o in outs), outs
 
-    def unfused(rows, wa):
-        occ = pooling.expand(rows, u.inverse, u.order, u.sorted_segment)
-        outs = [pooling.pool(occ[:ca], splits[0], jnp.asarray(rid[0]), wa, "sum"),
-                pooling.pool(occ[ca:], splits[1], jnp.asarray(rid[1]), None, "sum")]
+    def unfused(rows, w0, w2):
+        occ = jax.lax.split(pooling.expand(rows, u.inverse, u.order, u.sorted_segment), caps)
+        outs = [pooling.pool(o, sp, r, w, "sum") for o, sp, r, w in zip(occ, splits, rid, [w0, None, w2])]
         return sum(scale(o) for o in outs), outs
 
-    got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(rows, wa)
-    want = jax.jit(jax.value_and_grad(unfused, argnums=(0, 1), has_aux=True))(rows, wa)
+    got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2), has_aux=True))(rows, w0, w2)
+    want = jax.jit(jax.value_and_grad(unfused, argnums=(0, 1, 2), has_aux=True))(rows, w0, w2)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    assert float(jnp.abs(got[1][0]).sum()) > 0 and float(jnp.abs(got[1][1]).sum()) > 0
+    assert all(float(jnp.abs(o).sum()) > 0 for o in got[0][1])
 
 
 def test_dispatch_defaults_to_reference_on_cpu(monkeypatch):

@@ -1,5 +1,7 @@
 """EmbeddingEngine: merging, pooling, gradients vs a dense table, sparse updates."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,6 +158,47 @@ def test_gradients_match_dense_table_jax_grad():
         n = g_dense[pname].shape[0]
         np.testing.assert_allclose(g_rows[pname][:n], g_dense[pname], rtol=1e-5, atol=1e-6)
         assert not np.any(np.asarray(g_rows[pname][n:]))  # padding lanes get no gradient
+
+
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pool_vjp_reads_the_tables_and_matches_pool(monkeypatch, impl, dtype):
+    """pool_vjp == jax.vjp of pool over lookup.rows, bit for bit: pooled outputs and row
+    gradients (sum, weighted mean, a shared table with a sequence, tile). With float32
+    storage the sum/mean-only tables read the table rows themselves: lookup.rows set
+    to NaN changes nothing there (bfloat16 storage, and tables with sequence / tile
+    features, pool from lookup.rows)."""
+    from pallas_kernels import dispatch
+
+    monkeypatch.setenv(dispatch.ENV_VAR, impl)
+    opts = {f: dataclasses.replace(o, dtype=dtype) for f, o in OPTIONS.items()}
+    eng = EmbeddingEngine(opts, merge=False)
+    state = eng.init(sparse_sgd(0.1))
+    feats = jax.device_put(batch(4))
+    state, lk = jax.jit(eng.lookup)(state, feats)
+    g_out = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape))
+                         if x.dtype == jnp.float32 else np.zeros(x.shape, jax.dtypes.float0),  # the masks
+                         eng.pool(lk.rows, lk, feats))
+
+    @jax.jit
+    def both(state, lk):
+        want, vjp = jax.vjp(lambda r: eng.pool(r, lk, feats), lk.rows)
+        got, vjp2 = eng.pool_vjp(state, lk, feats)
+        return want, vjp(g_out), got, vjp2(g_out)
+
+    want, g_want, got, g_got = both(state, lk)
+    for a, b in zip(jax.tree.leaves((got, g_got)), jax.tree.leaves((want, g_want))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(g_got))
+
+    nan_lk = lk._replace(rows={p: jnp.full_like(r, jnp.nan) for p, r in lk.rows.items()})
+    got_nan = jax.jit(lambda s, lk: eng.pool_vjp(s, lk, feats)[0])(state, nan_lk)
+    for f in ("a", "b", "s", "t"):
+        finite = bool(jnp.all(jnp.isfinite(jnp.asarray(jax.tree.leaves(got_nan[f])[0]))))
+        from_table = dtype == "float32" and f == "b"  # "a" shares its table with the sequence "s"
+        assert finite == from_table, f
+        if from_table:
+            np.testing.assert_array_equal(np.asarray(got_nan[f]), np.asarray(want[f]))
 
 
 def test_sparse_adamw_example_through_the_engine():

@@ -10,6 +10,7 @@
         emb = engine.pool(rows, lk, features)                     # {feature: [B, dim] | ([B,L,dim], mask)}
         ...
     (loss, (g_params, g_rows)) = value_and_grad(loss_fn, argnums=(0, 1))(params, lk.rows)
+    # or: emb, vjp = engine.pool_vjp(state, lk, features); ...; (g_rows,) = vjp(g_emb)
     state, stats = engine.apply_gradients(state, lk, g_rows, sparse_opt)
 
 Features whose options agree on (dim, dtype, initializer, trainable, admission,
@@ -281,6 +282,18 @@ class EmbeddingEngine:
         differentiable input). Output shapes follow each feature's combiner. A table whose
         features all sum or mean pools straight from its unique rows (`pool_unique`);
         others expand to per-occurrence rows first."""
+        return self._pool(rows, lookup, features, None)
+
+    def pool_vjp(self, state: dict[str, TableState], lookup: Lookup, features: dict[str, Ragged]):
+        """(pooled, vjp): `jax.vjp(lambda rows: self.pool(rows, lookup, features),
+        lookup.rows)`, where the sum/mean tables (float32 storage) pool straight from the
+        table rows: lookup.rows is then only the gradient's point and XLA drops its
+        [N, dim] gather (the same values, so the same results bit for bit). `state` must be the tables `lookup` returned
+        (after its inserts), so the rows read are the rows lookup.rows holds.
+        vjp(g_pooled) -> ({table: [N, dim] float32},)."""
+        return jax.vjp(lambda rows: self._pool(rows, lookup, features, state), lookup.rows)
+
+    def _pool(self, rows, lookup, features, state):
         out = {}
         for pname, members in self.members.items():
             lk = lookup.tables[pname]
@@ -291,8 +304,11 @@ class EmbeddingEngine:
                 ws = [r.weights if (m.option.use_weights and r.weights is not None) else None
                       for m, r in zip(members, layouts)]
                 rowids = [r.value_rowids() for r in layouts]
+                table = None
+                if state is not None and state[pname].table.embedding.dtype == jnp.float32:
+                    table = (state[pname].table.embedding, lk.rows, lk.live)
                 sums = pool_unique(rows[pname], u.inverse, u.order, u.sorted_segment,
-                                   [(r.row_splits, rid, w) for r, rid, w in zip(layouts, rowids, ws)])
+                                   [(r.row_splits, rid, w) for r, rid, w in zip(layouts, rowids, ws)], table)
                 for m, rid, w, s in zip(members, rowids, ws, sums):
                     out[m.feature] = mean_of_sum(s, rid, w) if m.option.combiner == "mean" else s
                 continue

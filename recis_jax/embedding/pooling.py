@@ -16,6 +16,7 @@ differ from the XLA path's by float rounding). Off GPU the XLA code below runs u
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,8 @@ _kernel_pool.defvjp(_kernel_pool_fwd, _kernel_pool_bwd)
 
 
 def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, sorted_segment: jax.Array,
-                bags: list[tuple[jax.Array, jax.Array, jax.Array | None]]) -> list[jax.Array]:
+                bags: list[tuple[jax.Array, jax.Array, jax.Array | None]],
+                table: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> list[jax.Array]:
     """Sum-pools several features' bags straight from their unique rows.
 
     Args:
@@ -120,55 +122,120 @@ def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, so
         are the features' values concatenated in `bags` order.
       bags: per feature (row_splits [B + 1] from 0, rowids [cap] (padding lanes = B),
         weights [cap] float32 or None), the caps summing to N.
+      table: optional (embedding [R, dim] float32, row_ids int32 [U], live bool [U]) with
+        unique_rows == where(live, embedding[row_ids], 0): the forward then reads the
+        table's rows directly and unique_rows only carries the gradient (its values are
+        never read, so XLA drops the [U, dim] gather that made them: 3 ms of a DLRM-dcnv2
+        step on an H200). The caller guarantees the identity (`EmbeddingEngine.pool_vjp`).
     Returns:
       per feature [B, dim] float32: sum_i w_i unique_rows[inverse_i] over each bag.
 
     The same sums as `pool(expand(...))` without the [N, dim] occurrence rows: the
-    forward gathers unique rows into all the features' bags at once, the backward
-    gathers bag gradients into unique rows (`segment_gather_sum` both ways, one call
-    each, deterministic). In a DLRM-dcnv2 step (14M lanes, dim 128) the occurrence rows
-    and their gradient were 7 GB each and ~16 ms of a 57 ms step on an H200.
+    forward gathers unique rows into the features' bags, the backward gathers bag
+    gradients into unique rows (`segment_gather_sum`, deterministic). In a DLRM-dcnv2
+    step (14M lanes, dim 128) the occurrence rows and their gradient were 7 GB each and
+    ~16 ms of a 57 ms step on an H200. With the kernel, the forward runs one call per
+    group of features with the same kernel configuration (bags of about the same
+    length), so bags of 1 and of 100 items each get a tile that fits them.
     """
-    starts = np.cumsum([0] + [r.shape[0] for _, r, _ in bags])
-    offsets = np.cumsum([0] + [sp.shape[0] - 1 for sp, _, _ in bags])
+    starts = tuple(int(v) for v in np.cumsum([0] + [r.shape[0] for _, r, _ in bags]))
+    offsets = tuple(int(v) for v in np.cumsum([0] + [sp.shape[0] - 1 for sp, _, _ in bags]))
     # All bags as consecutive segments of the N lanes: a feature's last bag also spans
     # its padding lanes, which point at no row (-1).
-    splits = jnp.concatenate([sp[:-1].astype(jnp.int32) + int(s) for (sp, _, _), s in zip(bags, starts)]
+    splits = jnp.concatenate([sp[:-1].astype(jnp.int32) + s for (sp, _, _), s in zip(bags, starts)]
                              + [jnp.full(1, starts[-1], jnp.int32)])
-    bag = jnp.concatenate([jnp.where(r < sp.shape[0] - 1, r + int(o), -1) for (sp, r, _), o in zip(bags, offsets)])
+    bag = jnp.concatenate([jnp.where(r < sp.shape[0] - 1, r + o, -1) for (sp, r, _), o in zip(bags, offsets)])
     idx = jnp.where(bag >= 0, inverse, -1)  # each lane's unique row
+    src, src_idx = unique_rows, idx
+    if table is not None:
+        src, row_ids, live = table
+        iu = jnp.maximum(idx, 0)
+        src_idx = jnp.where((idx >= 0) & live[iu], row_ids[iu], -1)  # each lane's table row
     weights = None
     if any(w is not None for _, _, w in bags):
         weights = jnp.concatenate([jnp.ones(r.shape[0], jnp.float32) if w is None else w.astype(jnp.float32)
                                    for _, r, w in bags])
-    pooled = _pool_unique(unique_rows, weights, splits, idx, bag, order, sorted_segment)
-    # lax.split: its transpose is one concatenate (slices would transpose to a sum of pads).
-    return jax.lax.split(pooled, [sp.shape[0] - 1 for sp, _, _ in bags])
-
-
-@jax.custom_vjp
-def _pool_unique(unique_rows, weights, splits, idx, bag, order, sorted_segment):
-    """[S, dim]: segment s sums weights[i] * unique_rows[idx[i]] over i in splits[s] ..
-    splits[s+1] - 1. bag [N]: each lane's segment (-1: none), for the backward."""
     impl = _kernel_impl("pool") or "reference"
-    return eb.segment_gather_sum(unique_rows, splits, idx, weights, impl=impl)
+    layout = _Layout(starts, offsets, _config_groups(unique_rows.shape[1], starts, offsets, impl), impl,
+                     unique_rows.shape[0])
+    return list(_pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order, sorted_segment))
 
 
-def _pool_unique_fwd(unique_rows, weights, splits, idx, bag, order, sorted_segment):
-    out = _pool_unique(unique_rows, weights, splits, idx, bag, order, sorted_segment)
-    return out, (unique_rows, weights, idx, bag, order, sorted_segment)
+class _Layout(NamedTuple):
+    """Static layout of `pool_unique`'s lanes: feature f's lanes are starts[f] ..
+    starts[f+1] - 1 and its bags segments offsets[f] .. offsets[f+1] - 1; `groups` are
+    tuples of (kernel config, features) pooled by one kernel call each; U unique rows."""
+
+    starts: tuple[int, ...]
+    offsets: tuple[int, ...]
+    groups: tuple[tuple[eb.Config | None, tuple[int, ...]], ...]
+    impl: str
+    num_unique_rows: int
 
 
-def _pool_unique_bwd(res, g):
-    unique_rows, weights, idx, bag, order, sorted_segment = res
+def _config_groups(dim, starts, offsets, impl):
+    """Features grouped by the kernel configuration their average bag length picks
+    (one group, config None, on the reference path)."""
+    nf = len(starts) - 1
+    if impl == "reference":
+        return ((None, tuple(range(nf))),)
+    cfgs = [eb.default_config(dim, (starts[f + 1] - starts[f]) / max(offsets[f + 1] - offsets[f], 1))
+            for f in range(nf)]
+    return tuple((c, tuple(f for f in range(nf) if cfgs[f] == c)) for c in dict.fromkeys(cfgs))
+
+
+def _group_inputs(layout, feats, splits, idx, weights):
+    """(splits, idx, weights) of the lanes of `feats` only, in their order."""
+    st, off = layout.starts, layout.offsets
+    if feats == tuple(range(len(st) - 1)):
+        return splits, idx, weights
+    local = np.cumsum([0] + [st[f + 1] - st[f] for f in feats])
+    g_splits = jnp.concatenate([splits[off[f]:off[f + 1]] - (st[f] - int(lo)) for f, lo in zip(feats, local)]
+                               + [jnp.full(1, int(local[-1]), jnp.int32)])
+    g_idx = jnp.concatenate([idx[st[f]:st[f + 1]] for f in feats])
+    g_w = None if weights is None else jnp.concatenate([weights[st[f]:st[f + 1]] for f in feats])
+    return g_splits, g_idx, g_w
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order, sorted_segment):
+    """Per feature [B_f, dim]: bag s sums weights[i] * src[src_idx[i]] over lanes
+    splits[s] .. splits[s+1] - 1, where src[src_idx[i]] is lane i's unique row (src is
+    unique_rows, or the table they came from). bag [N]: each lane's segment (-1: none),
+    for the backward, which is w.r.t. unique_rows."""
+    del unique_rows  # the values come from src; unique_rows is the differentiation point
+    out = [None] * (len(layout.starts) - 1)
+    for cfg, feats in layout.groups:
+        g_splits, g_idx, g_w = _group_inputs(layout, feats, splits, src_idx, weights)
+        if layout.impl == "reference":
+            pooled = eb.segment_gather_sum(src, g_splits, g_idx, g_w, impl="reference")
+        else:
+            pooled = eb.segment_gather_sum_pallas(src, g_splits, g_idx, g_w, config=cfg,
+                                                  interpret=(layout.impl == "interpret"))
+        sizes = [layout.offsets[f + 1] - layout.offsets[f] for f in feats]
+        # lax.split: its transpose is one concatenate (slices would transpose to a sum of pads).
+        for f, o in zip(feats, jax.lax.split(pooled, sizes)):
+            out[f] = o
+    return tuple(out)
+
+
+def _pool_unique_fwd(layout, unique_rows, weights, src, src_idx, splits, bag, order, sorted_segment):
+    out = _pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order, sorted_segment)
+    return out, (weights, src, src_idx, bag, order, sorted_segment)
+
+
+def _pool_unique_bwd(layout, res, gs):
+    weights, src, src_idx, bag, order, sorted_segment = res
+    g = jnp.concatenate(gs)  # [S, dim], the bags in feature order
     impl = _kernel_impl("expand_bwd") or "reference"
     # The lanes in unique-row order gather their bag's gradient.
-    splits_u = eb.splits_from_sorted_segment(sorted_segment, unique_rows.shape[0])
+    splits_u = eb.splits_from_sorted_segment(sorted_segment, layout.num_unique_rows)
     g_unique = eb.segment_gather_sum(g, splits_u, bag[order], None if weights is None else weights[order], impl=impl)
     dw = None
     if weights is not None:  # d/dw_i = <g[bag_i], row_i>; dead code (removed by XLA) unless weights train
-        dw = jnp.where(idx >= 0, jnp.sum(g[jnp.maximum(bag, 0)] * unique_rows[jnp.maximum(idx, 0)], -1), 0)
-    return g_unique, dw, None, None, None, None, None
+        row = jnp.where((src_idx >= 0)[:, None], src[jnp.maximum(src_idx, 0)].astype(jnp.float32), 0)
+        dw = jnp.sum(g[jnp.maximum(bag, 0)] * row, -1)
+    return g_unique, dw, None, None, None, None, None, None
 
 
 _pool_unique.defvjp(_pool_unique_fwd, _pool_unique_bwd)

@@ -94,13 +94,18 @@ def make_train_step(task: Task, engine: EmbeddingEngine, features, dense_tx: opt
     def micro(params, tables, batch, step):
         tables, lk, feats, labels, weights = _forward(task, engine, features, tables, batch, step, True)
 
-        def loss_fn(p, rows):
-            logits = task.logits(p, engine.pool(rows, lk, feats), feats)
+        # Pooling's vjp outside the loss: the sum/mean tables pool from the table rows.
+        emb, pool_vjp = engine.pool_vjp(tables, lk, feats)
+
+        def loss_fn(p, emb):
+            logits = task.logits(p, emb, feats)
             loss, _ = multitask_loss(logits, labels, task.task_weights, weights)
             return loss, logits
 
-        (loss, logits), (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-            params, lk.rows)
+        # allow_int: sequence features come with bool masks (their cotangents are float0).
+        (loss, logits), (g_params, g_emb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True,
+                                                               allow_int=True)(params, emb)
+        (g_rows,) = pool_vjp(g_emb)
         live = jnp.sum(weights > 0, dtype=jnp.int32)
         return tables, lk, loss, logits, labels, weights, g_params, g_rows, live
 
