@@ -288,9 +288,9 @@ class EmbeddingEngine:
         """(pooled, vjp): `jax.vjp(lambda rows: self.pool(rows, lookup, features),
         lookup.rows)`, where the sum/mean tables (float32 storage) pool straight from the
         table rows: lookup.rows is then only the gradient's point and XLA drops its
-        [N, dim] gather (the same values, so the same results bit for bit). `state` must be the tables `lookup` returned
-        (after its inserts), so the rows read are the rows lookup.rows holds.
-        vjp(g_pooled) -> ({table: [N, dim] float32},)."""
+        [N, dim] gather (the same values, so the same results bit for bit). `state` must
+        be the tables `lookup` returned (after its inserts), so the rows read are the rows
+        lookup.rows holds. vjp(g_pooled) -> ({table: [N, dim] float32},)."""
         return jax.vjp(lambda rows: self._pool(rows, lookup, features, state), lookup.rows)
 
     def _pool(self, rows, lookup, features, state):
