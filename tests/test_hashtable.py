@@ -430,6 +430,21 @@ def test_sort_by_table_and_key_is_a_stable_lexsort(n, numpy_sorts, monkeypatch):
     np.testing.assert_array_equal(np.asarray(s_k), keys[want])
 
 
+@pytest.mark.parametrize("n,tmax", [(1, 0), (7, 2**31 - 1), (3000, 26), (140_000, 26), (140_000, 2**31 - 1)])
+def test_cpu_table_key_order_passes(n, tmax):
+    """The CPU's packed LSD sort (`_np_table_key_order`) is a stable (table, key) sort
+    whatever the number of passes the lane count and table width call for (2 or 3),
+    with the INT32_MAX sentinel ranked past every other table."""
+    rng = np.random.default_rng(n + tmax)
+    keys = rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64)
+    keys[rng.random(n) < 0.5] = rng.integers(-3, 3)  # many duplicates
+    tables = rng.integers(0, tmax + 1, n).astype(np.int32)
+    tables[rng.random(n) < 0.1] = np.iinfo(np.int32).max
+    got = sorting._np_table_key_order(tables, keys.view(np.uint64) ^ np.uint64(1 << 63))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.lexsort((keys, tables)))
+
+
 def test_sort_u64_is_a_plain_sort():
     """The CPU's NumPy sort (a host callback) returns what lax.sort does, duplicates and
     the all-ones sentinel of the claim rounds included, also inside a while_loop."""
