@@ -64,9 +64,9 @@ def _np_table_key_order(tables, keys_u) -> np.ndarray:
     bits (p = the bits of N - 1): each pass sorts one array of distinct uint64 values
     `digit << p | position` (the lane's position after the previous pass), so NumPy's
     plain sort is stable here. Passes: ceil((64 + bits of the largest table) / (64 - p)),
-    two for up to 2**17 lanes and 2**17 tables (DeepFM: 106k lanes, 27 table values, 3
-    passes of 32-bit digits before; each pass is a 106k-element sort, 0.6 ms on an Intel
-    Xeon, 4.2 ms on an AMD EPYC, plus ~0.9 ms per callback). The table INT32_MAX (dedup's
+    two while table bits + 2 p <= 64 (DeepFM: 106k lanes, 27 table values, 5 + 2 * 17;
+    3 passes of 32-bit digits before, in 3 callbacks; a pass over 106k lanes is a 0.6 ms
+    sort on an Intel Xeon, 4-5 ms on an AMD EPYC, plus ~0.9 ms per callback). The table INT32_MAX (dedup's
     invalid-lane sentinel) is ranked one past the largest other table: the same order,
     fewer table bits.
     """
