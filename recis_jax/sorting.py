@@ -66,15 +66,16 @@ def _np_table_key_order(tables, keys_u) -> np.ndarray:
     plain sort is stable here. Passes: ceil((64 + bits of the largest table) / (64 - p)),
     two while table bits + 2 p <= 64 (DeepFM: 106k lanes, 27 table values, 5 + 2 * 17;
     3 passes of 32-bit digits before, in 3 callbacks; a pass over 106k lanes is a 0.6 ms
-    sort on an Intel Xeon, 4-5 ms on an AMD EPYC, plus ~0.9 ms per callback). The table INT32_MAX (dedup's
-    invalid-lane sentinel) is ranked one past the largest other table: the same order,
-    fewer table bits.
+    sort on an Intel Xeon, 4-5 ms on an AMD EPYC, plus ~0.9 ms per callback). Tables
+    compare as uint32 (as on the GPU); INT32_MAX, dedup's invalid-lane sentinel, when it
+    is the largest, is ranked one past the largest other table: the same order, fewer
+    table bits.
     """
-    t = np.asarray(tables).astype(np.uint64)
+    t = np.asarray(tables).astype(np.uint32).astype(np.uint64)
     k = np.asarray(keys_u)
     n = k.shape[0]
     top = t == np.uint64(np.iinfo(np.int32).max)
-    if top.any():
+    if top.any() and int(t.max()) == np.iinfo(np.int32).max:
         t = np.where(top, t[~top].max() + np.uint64(1) if not top.all() else np.uint64(0), t)
     pbits = max(1, (n - 1).bit_length())
     width = 64 - pbits

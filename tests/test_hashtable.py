@@ -443,6 +443,10 @@ def test_cpu_table_key_order_passes(n, tmax):
     got = sorting._np_table_key_order(tables, keys.view(np.uint64) ^ np.uint64(1 << 63))
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, np.lexsort((keys, tables)))
+    if n > 1:  # negative tables compare as uint32, as on the GPU: after INT32_MAX
+        tables[:n // 3] = -1
+        got = sorting._np_table_key_order(tables, keys.view(np.uint64) ^ np.uint64(1 << 63))
+        np.testing.assert_array_equal(got, np.lexsort((keys, tables.view(np.uint32))))
 
 
 def test_sort_u64_is_a_plain_sort():
