@@ -113,8 +113,7 @@ class SequenceTransformer(nn.Module):
         x = layer_norm("ln_final")(x)
         if self.out_dim is not None:
             # float32: the output feeds scores/losses directly, and it is small
-            x = Dense(self.out_dim, dtype=jnp.float32, param_dtype=self.param_dtype,
-                         name="out_proj")(x)
+            x = Dense(self.out_dim, dtype=jnp.float32, param_dtype=self.param_dtype, name="out_proj")(x)
         if mask is not None:
             x = jnp.where(mask[..., None], x, jnp.float32(0))
         return x.astype(jnp.float32)
