@@ -60,37 +60,98 @@ def sort_by_table_and_key(tables: jax.Array, keys: jax.Array):
 def _np_table_key_order(tables, keys_u) -> np.ndarray:
     """int32 [N]: the lanes stably sorted by (tables int32 >= 0, keys_u uint64), N < 2**31.
 
-    An LSD sort of the (table, key) number V = table * 2**64 + key in digits of 64 - p
-    bits (p = the bits of N - 1): each pass sorts one array of distinct uint64 values
-    `digit << p | position` (the lane's position after the previous pass), so NumPy's
-    plain sort is stable here. Passes: ceil((64 + bits of the largest table) / (64 - p)),
-    two while table bits + 2 p <= 64 (DeepFM: 106k lanes, 27 table values, 5 + 2 * 17;
-    3 passes of 32-bit digits before, in 3 callbacks; a pass over 106k lanes is a 0.6 ms
-    sort on an Intel Xeon, 4-5 ms on an AMD EPYC, plus ~0.9 ms per callback). Tables
-    compare as uint32 (as on the GPU); INT32_MAX, dedup's invalid-lane sentinel, when it
-    is the largest, is ranked one past the largest other table: the same order, fewer
-    table bits.
+    Sorts the (table, key) number V = table' * 2**kb + key' (table' = table - min table,
+    key' = key - min key: the same order, only the bits that vary; kb = the bits of the
+    largest key') with the lane's position packed into the low p bits (p = the bits of
+    N - 1), so each sort is of distinct uint64 values and NumPy's plain sort is stable
+    here. When V has at most 64 - p bits that is the whole sort (one pass). Otherwise the
+    one pass sorts by V's top 64 - p bits, and only lanes tied there on distinct V are
+    sorted again, by (tie group, low bits of V, position) in one more sort of just them:
+    with well-mixed 64-bit IDs (DeepFM: 106k lanes, 27 tables, 5 + 64 + 17 bits) no lanes
+    are, since equal top bits come from equal keys, which stay in lane order. A sort of
+    106k uint64 takes 4-5 ms on this AMD EPYC (NumPy's AVX-512 sort; 0.6 ms on an Intel
+    Xeon), so the second pass of the old LSD sort cost ~5 ms a step; that LSD sort
+    (`_lsd_order`) remains for inputs where the retie sort would not fit 64 bits.
+    Tables compare as uint32 (as on the GPU); INT32_MAX, dedup's invalid-lane sentinel,
+    when it is the largest, is ranked one past the largest other table: the same order,
+    fewer table bits.
     """
-    t = np.asarray(tables).astype(np.uint32).astype(np.uint64)
+    t = np.asarray(tables).view(np.uint32)
     k = np.asarray(keys_u)
     n = k.shape[0]
-    top = t == np.uint64(np.iinfo(np.int32).max)
+    top = t == np.uint32(np.iinfo(np.int32).max)
     if top.any() and int(t.max()) == np.iinfo(np.int32).max:
-        t = np.where(top, t[~top].max() + np.uint64(1) if not top.all() else np.uint64(0), t)
+        t = np.where(top, t[~top].max() + np.uint32(1) if not top.all() else np.uint32(0), t)
+    tmin, kmin = t.min(), k.min()
+    tb, kb = int(t.max() - tmin).bit_length(), int(k.max() - kmin).bit_length()
     pbits = max(1, (n - 1).bit_length())
     width = 64 - pbits
-    total = 64 + int(t.max()).bit_length()
+    lbits = max(0, tb + kb - width)  # V's low bits, below the `width` bits of the first pass
+    # In place where it can be: on this 2-core VM each fresh [N] array costs page faults
+    # (~0.2 ms at 106k lanes), as much as the arithmetic.
+    v = np.subtract(k, kmin)
+    hi_t = np.subtract(t, tmin, dtype=np.uint64)
+    if lbits <= kb:
+        v >>= np.uint64(lbits)
+        hi_t <<= np.uint64(kb - lbits)
+    else:
+        v[:] = 0
+        hi_t >>= np.uint64(lbits - kb)
+    v |= hi_t
+    v <<= np.uint64(pbits)
+    v |= np.arange(n, dtype=np.uint64)
+    v.sort()
+    low = np.uint64((1 << pbits) - 1)
+    # Lanes tied on the first pass's bits: pairs of sorted neighbours (i, i + 1).
+    np.bitwise_xor(v[1:], v[:-1], out=hi_t[:-1])
+    tie = np.flatnonzero(hi_t[:-1] <= low)
+    v &= low
+    order = v.astype(np.int32)
+    if lbits == 0 or tie.shape[0] == 0:
+        return order
+
+    def low_bits(lanes):  # V's low lbits bits of the given lanes
+        kk = k[lanes] - kmin
+        if lbits <= kb:
+            return kk & np.uint64((1 << lbits) - 1)
+        tt = (t[lanes] - tmin).astype(np.uint64) & np.uint64((1 << (lbits - kb)) - 1)
+        return tt << np.uint64(kb) | kk
+
+    retie = tie[low_bits(order[tie]) != low_bits(order[tie + 1])]
+    if retie.shape[0] == 0:
+        return order
+    # Re-sort the tie groups that hold distinct V: (group, low bits, position) packed.
+    is_tie = np.zeros(n, bool)
+    is_tie[tie + 1] = True  # sorted position i + 1 is in i's group
+    group = np.cumsum(~is_tie)
+    bad = np.zeros(group[-1] + 1, bool)
+    bad[group[retie]] = True
+    idx = np.flatnonzero(bad[group])
+    m = idx.shape[0]
+    g = np.concatenate([[0], np.cumsum(group[idx][1:] != group[idx][:-1])]).astype(np.uint64)
+    gb, ib = int(g.max()).bit_length(), max(1, (m - 1).bit_length())
+    if gb + lbits + ib > 64:
+        t64 = (t - tmin).astype(np.uint64)
+        return _lsd_order(t64, k - kmin, tb, kb, pbits)
+    ls = low_bits(order[idx])
+    sub = np.sort(g << np.uint64(lbits + ib) | ls << np.uint64(ib) | np.arange(m, dtype=np.uint64))
+    order[idx] = order[idx[(sub & np.uint64((1 << ib) - 1)).astype(np.int64)]]
+    return order
+
+
+def _lsd_order(t, k, tb, kb, pbits) -> np.ndarray:
+    """`_np_table_key_order`'s order by an LSD sort of V = t * 2**kb + k in digits of
+    64 - p bits: each pass sorts `digit << p | position after the previous pass`."""
+    n = k.shape[0]
+    width = 64 - pbits
     pos = np.arange(n, dtype=np.uint64)
     low = np.uint64((1 << pbits) - 1)
     order = None
-    for lo in range(0, total, width):
+    for lo in range(0, tb + kb, width):
         kk, tt = (k, t) if order is None else (k[order], t[order])
-        if lo >= 64:
-            d = tt >> np.uint64(lo - 64)
-        else:
-            d = kk >> np.uint64(lo)
-            if lo > 0:
-                d = d | (tt << np.uint64(64 - lo))
+        d = kk >> np.uint64(lo) if lo < kb else np.zeros_like(kk)
+        if lo + width > kb:  # the digit reaches into the table bits
+            d = d | (tt << np.uint64(kb - lo) if lo <= kb else tt >> np.uint64(lo - kb))
         d = d & np.uint64((1 << width) - 1)
         perm = (np.sort(d << np.uint64(pbits) | pos) & low).astype(np.int64)
         order = perm if order is None else order[perm]

@@ -449,6 +449,29 @@ def test_cpu_table_key_order_passes(n, tmax):
         np.testing.assert_array_equal(got, np.lexsort((keys, tables.view(np.uint32))))
 
 
+@pytest.mark.parametrize("case", ["one_pass", "top_bit_ties", "lsd_fallback"])
+def test_cpu_table_key_order_tie_groups(case, monkeypatch):
+    """`_np_table_key_order`'s paths: keys that fit one pass with the position; a first
+    pass on V's top bits with groups tied there on distinct keys, sorted again; and groups
+    too wide for that sort, which go to the LSD sort."""
+    lsd, lsd_order = [], sorting._lsd_order
+    monkeypatch.setattr(sorting, "_lsd_order", lambda *a: lsd.append(1) or lsd_order(*a))
+    rng = np.random.default_rng(7)
+    n = 140_000
+    tables = rng.integers(0, 27, n).astype(np.int32)
+    if case == "one_pass":
+        keys = rng.integers(-1000, 10**6, n).astype(np.int64)
+    elif case == "top_bit_ties":  # groups of keys sharing all but their low 3 bits, duplicates
+        base = rng.integers(-2**63, 2**63 - 1, n // 8, dtype=np.int64)
+        keys = base[rng.integers(0, n // 8, n)] ^ rng.integers(0, 8, n)
+    else:  # 31 table bits: the first pass sees 15 key bits, shared by half the keys
+        tables = rng.choice(np.array([0, 2**30, -1], np.int32), n)
+        keys = rng.integers(0, 2**49, n, dtype=np.int64) | rng.choice(np.array([0, -2**62], np.int64), n)
+    got = sorting._np_table_key_order(tables, keys.view(np.uint64) ^ np.uint64(1 << 63))
+    np.testing.assert_array_equal(got, np.lexsort((keys, tables.view(np.uint32))))
+    assert bool(lsd) == (case == "lsd_fallback")
+
+
 def test_sort_u64_is_a_plain_sort():
     """The CPU's NumPy sort (a host callback) returns what lax.sort does, duplicates and
     the all-ones sentinel of the claim rounds included, also inside a while_loop."""
