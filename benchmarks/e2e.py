@@ -197,15 +197,16 @@ def run_jax(a) -> dict:
     first_micro = jax.device_put(hb[0][0] if accum > 1 else hb[0])
     state = init_state(recipe.task, engine, recipe.features, recipe.dense_tx, recipe.sparse_opt, first_micro,
                        cfg.seed)
+    cb = {"on": True, "off": False}.get(a.command_buffers, cfg.train.get("command_buffers", True))
     step = make_train_step(recipe.task, engine, recipe.features, recipe.dense_tx, recipe.sparse_opt,
-                           accum_steps=accum)
+                           accum_steps=accum, command_buffers=cb)
     # S > 1: one call runs S steps (make_multi_step) over S stacked consecutive batches,
     # and a window is window_steps / S calls (the same steps per sync as S = 1).
     s = a.steps_per_call
     if a.window_steps % s:
         raise ValueError(f"--window-steps {a.window_steps} is not a multiple of --steps-per-call {s}")
     if s > 1:
-        step = make_multi_step(step)
+        step = make_multi_step(step, command_buffers=cb)
         hb = [stack_batches([hb[(j + t) % len(hb)] for t in range(s)]) for j in range(0, len(hb), s)]
     dev = jax.block_until_ready(jax.device_put(hb))
     del hb
@@ -253,7 +254,7 @@ def run_jax(a) -> dict:
             "step_s": step_s, "samples_per_s": w.batch / step_s, "window_s": windows, "peak_mem_bytes": peak,
             "dense_step_s": dense_s, "sparse_bytes_per_step": bytes_per_step, "loss": loss,
             "table_rows": {p: int(r) for p, r in engine.num_rows.items()}, "dense_dtype": cfg.model.dtype,
-            "accum_steps": accum, "steps_per_call": s, **probe}
+            "accum_steps": accum, "steps_per_call": s, "command_buffers": cb, **probe}
 
 
 def dense_only_step(recipe, engine, state, dev, a) -> float:
@@ -265,7 +266,7 @@ def dense_only_step(recipe, engine, state, dev, a) -> float:
     task, feats_engine = recipe.task, recipe.features
     feats = feats_engine.apply(dev["features"]) if feats_engine is not None else dev["features"]
     _, lk = jax.jit(lambda t, f: engine.lookup(t, f, train=False))(state.tables, feats)
-    emb = jax.jit(lambda rows, f: engine.pool(rows, lk, f))(lk.rows, feats)
+    emb = jax.jit(lambda rows, f: engine.pool(rows, lk, f, task.embedding_dtype))(lk.rows, feats)
     labels = task.label_array(feats)[:, 0]
 
     @jax.jit
@@ -468,6 +469,9 @@ def main() -> None:
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--command-buffers", choices=("config", "on", "off"), default="config",
+                    help="recis-jax runs: XLA:GPU CUDA graphs of the step (config: the workload config's "
+                         "train.command_buffers)")
     ap.add_argument("--merge", default="", help="comma-separated e2e_*.json of earlier runs: re-derive their runs "
                                                 "(plus this run's) into one table")
     # one recis-jax run (a child process of the suite)
@@ -504,7 +508,7 @@ def main() -> None:
             for s in (calls if "jax" in frameworks else []):
                 out = tmp / f"{tag}_jax_s{s}.json"
                 cmd = [sys.executable, __file__, "--one", "--device", a.device, "--workload", wname, "--dist", dist,
-                       "--result", str(out), "--steps-per-call", str(s)] + timing
+                       "--result", str(out), "--steps-per-call", str(s), "--command-buffers", a.command_buffers] + timing
                 rows.append(_run_one(cmd, out, a.timeout, env))
             for mode in ("static", "mapped"):
                 if f"torch-{mode}" not in frameworks:

@@ -53,6 +53,7 @@ def get_config(arg=None):
         dense_optimizer="adamw", dense_lr=1e-3, weight_decay=0.0, warmup_steps=0,
         sparse_optimizer="adam", sparse_lr=1e-3, sparse_weight_decay=0.0, accum_steps=1,
         steps_per_call=1,    # steps per device call (one scan): > 1 when the host dispatch bounds the step
+        command_buffers=True,  # XLA:GPU CUDA graphs of the step: off for steps of tens of ms (configs/dcnv2.py)
         log_every=50, eval_every=0, checkpoint_every=100, keep_last=3, keep_every=0,
         profile_steps=()))
     c.eval = ml_collections.ConfigDict(dict(batch_size=0, gauc_group=""))

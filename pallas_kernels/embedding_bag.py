@@ -130,10 +130,14 @@ def segment_of_positions(splits: jax.Array, c: int) -> jax.Array:
     return count_below(splits, c)[1:] - 1
 
 
-@functools.partial(jax.jit, static_argnames=("mean",))
+@functools.partial(jax.jit, static_argnames=("mean", "num_out", "skip_empty", "dtype"))
 def segment_gather_sum_reference(src: jax.Array, splits: jax.Array, idx: jax.Array | None = None,
-                                 weights: jax.Array | None = None, *, mean: bool = False) -> jax.Array:
-    """Pure-jnp reference of `segment_gather_sum` (same arguments, same result)."""
+                                 weights: jax.Array | None = None, *, mean: bool = False,
+                                 out_rows: jax.Array | None = None, out: jax.Array | None = None,
+                                 num_out: int | None = None, skip_empty: bool = False,
+                                 dtype=None) -> jax.Array:
+    """Pure-jnp reference of `segment_gather_sum` (same arguments, same result; rows
+    that no segment writes are zeros)."""
     from recis_jax.embedding.dedup import sorted_segment_sum  # noqa: PLC0415 - avoid a cycle
 
     src = jnp.asarray(src)
@@ -157,17 +161,29 @@ def segment_gather_sum_reference(src: jax.Array, splits: jax.Array, idx: jax.Arr
     if mean:
         den = sorted_segment_sum(jnp.where(ok, w, 0), seg, s)
         total = jnp.where(den[:, None] != 0, total / jnp.where(den == 0, 1, den)[:, None], 0)
-    return total.astype(src.dtype)
+    dtype = src.dtype if dtype is None else jnp.dtype(dtype)
+    total = total.astype(dtype)
+    if out_rows is None and out is None and num_out is None and not skip_empty:
+        return total
+    base = out if out is not None else jnp.zeros((s if num_out is None else num_out, src.shape[1]), dtype)
+    tgt = jnp.arange(s, dtype=jnp.int32) if out_rows is None else out_rows.astype(jnp.int32)
+    if skip_empty:
+        tgt = jnp.where(splits[1:] > splits[:-1], tgt, base.shape[0])
+    return base.at[tgt].set(total, mode="drop")
 
 
 # ----------------------------------------------------------------------------- kernels
 
-def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean):
+def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean, has_out_rows, has_out,
+                  skip_empty):
     it = iter(refs)
     splits_ref, slot_seg_ref, xoff_ref = next(it), next(it), next(it)
     idx_ref = next(it) if has_idx else None
     w_ref = next(it) if has_w else None
+    out_rows_ref = next(it) if has_out_rows else None
     src_ref = next(it)
+    if has_out:
+        next(it)  # aliased with out_ref
     out_ref, part_ref = next(it), next(it)
     pw_ref = next(it) if mean else None
 
@@ -236,7 +252,10 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean):
     # read-modify-write scatter, where two lanes sharing a target would race.
     lane_local = lax.broadcasted_iota(jnp.int32, (g,), 0)
     to_out = valid & ~long
-    _store_rows(out_ref, jnp.where(to_out, segc, s + lane_local), final.astype(out_ref.dtype),
+    if skip_empty:
+        to_out = to_out & (n > 0)
+    dst = out_rows_ref[segc] if has_out_rows else segc
+    _store_rows(out_ref, jnp.where(to_out, dst, out_ref.shape[0] + lane_local), final.astype(out_ref.dtype),
                 to_out)
     to_part = valid & long
     slot = jnp.where(to_part, xo + j, x_cap + lane_local)
@@ -262,10 +281,11 @@ def _store_rows(ref, rows, val, mask):
     plgpu.store(ref.at[r, jnp.minimum(c, d - 1)], val, mask=live)
 
 
-def _combine_kernel(*refs, num_seg, num_slots, config, mean):
+def _combine_kernel(*refs, num_seg, num_slots, config, mean, has_out_rows):
     it = iter(refs)
     splits_ref, slot_seg_ref, xoff_ref, part_ref = next(it), next(it), next(it), next(it)
     pw_ref = next(it) if mean else None
+    out_rows_ref = next(it) if has_out_rows else None
     _out_in = next(it)  # aliased with out_ref
     out_ref = next(it)
 
@@ -302,12 +322,13 @@ def _combine_kernel(*refs, num_seg, num_slots, config, mean):
     if mean:
         acc = jnp.where(wacc != 0, acc / jnp.where(wacc == 0, _F1, wacc), _F0)
 
+    dst = out_rows_ref[segc] if has_out_rows else segc
     if out_ref.shape[1] == d:
         @pl.when(lead)
         def _():
-            out_ref[segc, :] = acc.astype(out_ref.dtype)
+            out_ref[dst, :] = acc.astype(out_ref.dtype)
     else:  # padded partial rows: store the first out_ref.shape[1] columns
-        _store_rows(out_ref, jnp.reshape(segc, (1,)), acc[None].astype(out_ref.dtype), jnp.reshape(lead, (1,)))
+        _store_rows(out_ref, jnp.reshape(dst, (1,)), acc[None].astype(out_ref.dtype), jnp.reshape(lead, (1,)))
 
 
 def _plan(splits: jax.Array, num_items: int, piece: int):
@@ -330,20 +351,28 @@ def _plan(splits: jax.Array, num_items: int, piece: int):
     return slot_seg, xoff, x_cap
 
 
-@functools.partial(jax.jit, static_argnames=("mean", "config", "interpret"))
-def _segment_gather_sum_pallas(src, splits, idx, weights, *, mean, config, interpret):
+@functools.partial(jax.jit, static_argnames=("mean", "config", "interpret", "num_out", "skip_empty", "dtype"))
+def _segment_gather_sum_pallas(src, splits, idx, weights, out_rows=None, out=None, *, mean, config, interpret,
+                               num_out=None, skip_empty=False, dtype=None):
     s = splits.shape[0] - 1
     c = src.shape[0] if idx is None else idx.shape[0]
     d = src.shape[1]
     slot_seg, xoff, x_cap = _plan(splits, c, config.piece)
     has_idx, has_w = idx is not None, weights is not None
+    has_out_rows, has_out = out_rows is not None, out is not None
+    m = out.shape[0] if has_out else (num_out if num_out is not None else s)
     inputs = [splits, slot_seg, xoff]
     if has_idx:
         inputs.append(idx)
     if has_w:
         inputs.append(weights)
+    if has_out_rows:
+        inputs.append(out_rows)
     inputs.append(src)
-    out_shapes = [jax.ShapeDtypeStruct((s, d), src.dtype),
+    if has_out:
+        inputs.append(out)
+    dtype = src.dtype if dtype is None else dtype
+    out_shapes = [jax.ShapeDtypeStruct((m, d), dtype),
                   jax.ShapeDtypeStruct((x_cap, _next_pow2(d)), jnp.float32)]
     if mean:
         out_shapes.append(jax.ShapeDtypeStruct((x_cap,), jnp.float32))
@@ -351,18 +380,22 @@ def _segment_gather_sum_pallas(src, splits, idx, weights, *, mean, config, inter
     params = plgpu.CompilerParams(num_warps=config.num_warps)
     outs = pl.pallas_call(
         functools.partial(_piece_kernel, num_seg=s, num_slots=x_cap, config=config,
-                          has_idx=has_idx, has_w=has_w, mean=mean),
+                          has_idx=has_idx, has_w=has_w, mean=mean, has_out_rows=has_out_rows,
+                          has_out=has_out, skip_empty=skip_empty),
         out_shape=out_shapes,
         grid=(_cdiv(lanes, config.lanes),),
+        input_output_aliases={len(inputs) - 1: 0} if has_out else {},
         compiler_params=params,
         interpret=interpret,
         name="embedding_bag_pieces",
     )(*inputs)
     out, part = outs[0], outs[1]
-    combine_inputs = [splits, slot_seg, xoff, part] + ([outs[2]] if mean else []) + [out]
+    combine_inputs = ([splits, slot_seg, xoff, part] + ([outs[2]] if mean else [])
+                      + ([out_rows] if has_out_rows else []) + [out])
     return pl.pallas_call(
-        functools.partial(_combine_kernel, num_seg=s, num_slots=x_cap, config=config, mean=mean),
-        out_shape=jax.ShapeDtypeStruct((s, d), src.dtype),
+        functools.partial(_combine_kernel, num_seg=s, num_slots=x_cap, config=config, mean=mean,
+                          has_out_rows=has_out_rows),
+        out_shape=jax.ShapeDtypeStruct((m, d), dtype),
         grid=(x_cap,),
         input_output_aliases={len(combine_inputs) - 1: 0},
         compiler_params=plgpu.CompilerParams(num_warps=min(config.num_warps, 4)),
@@ -372,10 +405,12 @@ def _segment_gather_sum_pallas(src, splits, idx, weights, *, mean, config, inter
 
 
 def segment_gather_sum_pallas(src, splits, idx=None, weights=None, *, mean: bool = False,
-                              interpret: bool = False, config: Config | None = None) -> jax.Array:
+                              interpret: bool = False, config: Config | None = None,
+                              out_rows: jax.Array | None = None, out: jax.Array | None = None,
+                              num_out: int | None = None, skip_empty: bool = False, dtype=None) -> jax.Array:
     """The Pallas path of `segment_gather_sum` (compiled on GPU, or interpret mode).
 
-    Falls back to the reference for float64 sources."""
+    Falls back to the reference for float64 sources and degenerate shapes."""
     src = jnp.asarray(src)
     splits = jnp.asarray(splits)
     if src.ndim != 2:
@@ -385,12 +420,19 @@ def segment_gather_sum_pallas(src, splits, idx=None, weights=None, *, mean: bool
     c = src.shape[0] if idx is None else idx.shape[0]
     if s < 0:
         raise ValueError("splits must have at least one element")
-    if src.dtype == jnp.float64 or not jnp.issubdtype(src.dtype, jnp.floating):
-        return segment_gather_sum_reference(src, splits, idx, weights, mean=mean)
-    if s == 0:
-        return jnp.zeros((0, d), src.dtype)
-    if c == 0 or src.shape[0] == 0:
-        return jnp.zeros((s, d), src.dtype)
+    dtype = jnp.dtype(src.dtype if dtype is None else dtype)
+    placed = dict(out_rows=out_rows, out=out, num_out=num_out, skip_empty=skip_empty, dtype=dtype)
+    if out is not None and (out.ndim != 2 or out.shape[1] != d or out.dtype != dtype):
+        raise ValueError(f"out must be [M, {d}] {dtype}, got {out.shape} {out.dtype}")
+    if out_rows is not None and out_rows.shape != (s,):
+        raise ValueError(f"out_rows must be [{s}] (one row per segment), got {out_rows.shape}")
+    if (src.dtype == jnp.float64 or not jnp.issubdtype(src.dtype, jnp.floating) or s == 0 or c == 0
+            or src.shape[0] == 0):
+        return segment_gather_sum_reference(src, splits, idx, weights, mean=mean, **placed)
+    if mean and (out_rows is not None or out is not None or num_out is not None or skip_empty
+                 or dtype != src.dtype):
+        raise ValueError("segment_gather_sum_pallas: mean writes a new [S, D] array in src's dtype (no "
+                         "out_rows / out / num_out / skip_empty / dtype)")
     cfg = config if config is not None else default_config(d, c / s)
     if not (_is_pow2(cfg.rows) and _is_pow2(cfg.lanes) and _is_pow2(cfg.combine_rows)
             and cfg.piece % cfg.rows == 0):
@@ -408,12 +450,16 @@ def segment_gather_sum_pallas(src, splits, idx=None, weights=None, *, mean: bool
                                          interpret=interpret)[:, 0].astype(jnp.float32)
         out = jnp.where(den[:, None] != 0, total.astype(jnp.float32) / jnp.where(den == 0, 1, den)[:, None], 0)
         return out.astype(src.dtype)
-    return _segment_gather_sum_pallas(src, splits, idx, weights, mean=False, config=cfg, interpret=interpret)
+    out_rows = None if out_rows is None else jnp.asarray(out_rows).astype(jnp.int32)
+    return _segment_gather_sum_pallas(src, splits, idx, weights, out_rows, out, mean=False, config=cfg,
+                                      interpret=interpret, num_out=num_out, skip_empty=skip_empty, dtype=dtype)
 
 
 def segment_gather_sum(src: jax.Array, splits: jax.Array, idx: jax.Array | None = None,
                        weights: jax.Array | None = None, *, mean: bool = False,
-                       impl: str | None = None) -> jax.Array:
+                       impl: str | None = None, out_rows: jax.Array | None = None,
+                       out: jax.Array | None = None, num_out: int | None = None,
+                       skip_empty: bool = False, dtype=None) -> jax.Array:
     """Weighted sum of gathered rows per segment.
 
     Args:
@@ -426,14 +472,26 @@ def segment_gather_sum(src: jax.Array, splits: jax.Array, idx: jax.Array | None 
       mean: divide each segment's sum by its weight sum (0 where that is 0, e.g. an
         empty segment).
       impl: dispatch override (see pallas_kernels.dispatch).
+      out_rows: [S] int32 distinct output row of each segment (default: row s). With
+        `out`, lets several calls fill one array (e.g. bags in sample-major order).
+      out: [M, D] array in src's dtype to write into: rows no segment writes keep its
+        values (the kernel writes in place when out is donated or dead).
+      num_out: without `out`, the rows of the new output (default S); rows no segment
+        writes are then unspecified (zeros in the reference).
+      skip_empty: empty segments write nothing (their rows are as if unwritten): the
+        backward onto unique rows skips the padding's rows.
+      dtype: the output's dtype (default src's): the float32 sums are rounded to it
+        once, e.g. bfloat16 rows for a bfloat16 model, or float32 gradients of
+        bfloat16 ones.
     Returns:
-      [S, D] in src's dtype.
+      [S, D] in `dtype` ([M, D] / [num_out, D] with out / num_out).
     """
+    placed = dict(out_rows=out_rows, out=out, num_out=num_out, skip_empty=skip_empty, dtype=dtype)
     which = dispatch.resolve(impl)
     if which == "reference":
-        return segment_gather_sum_reference(src, splits, idx, weights, mean=mean)
+        return segment_gather_sum_reference(src, splits, idx, weights, mean=mean, **placed)
     return segment_gather_sum_pallas(src, splits, idx, weights, mean=mean,
-                                     interpret=(which == "interpret"))
+                                     interpret=(which == "interpret"), **placed)
 
 
 # ----------------------------------------------------------------------------- tile

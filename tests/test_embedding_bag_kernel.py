@@ -91,6 +91,63 @@ class TestSegmentGatherSum:
         np.testing.assert_allclose(np.asarray(got), np_segment_gather_sum(src, splits, idx, w),
                                    rtol=RTOL, atol=ATOL)
 
+    @pytest.mark.parametrize("d", [16, 9])
+    def test_out_rows_fill_one_array(self, impl, d):
+        # Two calls write their segments (long ones included) to scattered rows of one
+        # [M, d] array, the second in place into the first's output; skip_empty leaves
+        # the empty segments' rows as they were (NaN here), others keep out's values.
+        rng = np.random.default_rng(5)
+        splits, c = make_bags(rng, LENS, extra=2)
+        src = rng.standard_normal((20, d)).astype(np.float32)
+        idx = rng.integers(-1, 20, c).astype(np.int32)
+        s, m = len(LENS), 2 * len(LENS) + 3
+        perm = rng.permutation(m).astype(np.int32)
+        rows_a, rows_b = perm[:s], perm[s:2 * s]
+        kw = {} if impl == "reference" else dict(config=SMALL, interpret=impl == "interpret")
+        sgs = (lambda *a, **k: eb.segment_gather_sum(*a, impl="reference", **k)) if impl == "reference" \
+            else (lambda *a, **k: eb.segment_gather_sum_pallas(*a, **kw, **k))
+        base = jnp.full((m, d), np.nan, jnp.float32)
+        a = sgs(jnp.asarray(src), jnp.asarray(splits), jnp.asarray(idx), out_rows=jnp.asarray(rows_a), out=base,
+                skip_empty=True)
+        b = sgs(jnp.asarray(2 * src), jnp.asarray(splits), jnp.asarray(idx), out_rows=jnp.asarray(rows_b), out=a)
+        want = np.full((m, d), np.nan)
+        ref = np_segment_gather_sum(src, splits, idx)
+        nonempty = np.diff(splits) > 0
+        want[rows_a[nonempty]] = ref[nonempty]
+        want[rows_b] = 2 * ref
+        assert b.shape == (m, d)
+        np.testing.assert_allclose(np.asarray(b), want, rtol=RTOL, atol=ATOL)  # NaN where NaN
+        # num_out: a fresh array; only the written rows are specified.
+        fresh = sgs(jnp.asarray(src), jnp.asarray(splits), jnp.asarray(idx), out_rows=jnp.asarray(rows_a),
+                    num_out=m)
+        assert fresh.shape == (m, d)
+        np.testing.assert_allclose(np.asarray(fresh)[rows_a], ref, rtol=RTOL, atol=ATOL)
+
+    def test_output_dtype(self, impl):
+        # float32 sums rounded once to a bfloat16 output, long segments included; and
+        # bfloat16 rows summed into a float32 output (the backward of bfloat16 pooling).
+        rng = np.random.default_rng(8)
+        splits, c = make_bags(rng, LENS, extra=2)
+        src = rng.standard_normal((20, 16)).astype(np.float32)
+        idx = rng.integers(-1, 20, c).astype(np.int32)
+        kw = dict(impl="reference") if impl == "reference" else dict(impl=impl)
+        args = (jnp.asarray(splits), jnp.asarray(idx))
+        if impl != "reference":
+            sgs = lambda s_, dtype: eb.segment_gather_sum_pallas(s_, *args, dtype=dtype, config=SMALL,  # noqa: E731
+                                                                 interpret=impl == "interpret")
+        else:
+            sgs = lambda s_, dtype: eb.segment_gather_sum(s_, *args, dtype=dtype, **kw)  # noqa: E731
+        got = sgs(jnp.asarray(src), jnp.bfloat16)
+        assert got.dtype == jnp.bfloat16
+        want = np_segment_gather_sum(src, splits, idx)
+        np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=1e-2, atol=1e-2)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(sgs(jnp.asarray(src), None).astype(jnp.bfloat16)))
+        src16 = jnp.asarray(src, jnp.bfloat16)
+        got32 = sgs(src16, jnp.float32)
+        assert got32.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got32), np_segment_gather_sum(np.asarray(src16.astype(jnp.float32)),
+                                                                           splits, idx), rtol=RTOL, atol=ATOL)
+
     @pytest.mark.parametrize("d", [3, 9, 24])
     def test_width_not_a_power_of_2(self, impl, d):
         # DeepFM's fused rows are 8 + 1 wide: tiles of the next power of 2, columns >= d
@@ -252,19 +309,22 @@ def test_engine_pooling_kernel_path_matches_xla(monkeypatch):
 
 
 @pytest.mark.parametrize("impl", ["reference", "interpret", "pallas"])
-def test_pool_unique_matches_expand_then_pool(monkeypatch, impl):
+@pytest.mark.parametrize("same_b,skip_padding", [(False, False), (True, False), (True, True)])
+def test_pool_unique_matches_expand_then_pool(monkeypatch, impl, same_b, skip_padding):
     """pool_unique (bags straight from unique rows) == pool(expand(...)) per feature:
     pooled sums and the gradients w.r.t. the unique rows and the weights, for three
     features sharing one lookup (duplicates across them, empty bags, padding lanes,
     invalid lanes, with and without weights). The kernel pools features 0 and 2 (long
-    bags) in one call and feature 1 (short bags) in another."""
+    bags) in one call and feature 1 (short bags) in another; with the same number of
+    bags per feature both calls fill one sample-major array. skip_padding: the unique
+    rows past num_unique (no occurrence) may hold anything."""
     from recis_jax.embedding import dedup, pooling
 
     if impl == "pallas" and not ON_GPU:
         pytest.skip("compiled kernel: GPU only")
     monkeypatch.setenv(dispatch.ENV_VAR, impl)
     rng = np.random.default_rng(5)
-    feats = [make_bags(rng, LENS, extra=3), make_bags(rng, [2, 0, 5, 1], extra=1),
+    feats = [make_bags(rng, [33, 0, 17, 40] if same_b else LENS, extra=3), make_bags(rng, [2, 0, 5, 1], extra=1),
              make_bags(rng, [30, 0, 17, 40], extra=0)]
     if impl != "reference":
         starts = np.cumsum([0] + [c for _, c in feats])
@@ -287,7 +347,7 @@ def test_pool_unique_matches_expand_then_pool(monkeypatch, impl):
 
     def fused(rows, w0, w2):
         outs = pooling.pool_unique(rows, u.inverse, u.order, u.sorted_segment,
-                                   list(zip(splits, rid, [w0, None, w2])))
+                                   list(zip(splits, rid, [w0, None, w2])), skip_padding=skip_padding)
         return sum(scale(o) for o in outs), outs
 
     def unfused(rows, w0, w2):
@@ -297,6 +357,11 @@ def test_pool_unique_matches_expand_then_pool(monkeypatch, impl):
 
     got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2), has_aux=True))(rows, w0, w2)
     want = jax.jit(jax.value_and_grad(unfused, argnums=(0, 1, 2), has_aux=True))(rows, w0, w2)
+    if skip_padding:  # compare the rows of real unique keys only
+        nu = int(u.num_unique)
+        assert nu < n
+        got = (got[0], (got[1][0][:nu],) + got[1][1:])
+        want = (want[0], (want[1][0][:nu],) + want[1][1:])
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     assert all(float(jnp.abs(o).sum()) > 0 for o in got[0][1])

@@ -164,7 +164,8 @@ def test_gradients_match_dense_table_jax_grad():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pool_vjp_reads_the_tables_and_matches_pool(monkeypatch, impl, dtype):
     """pool_vjp == jax.vjp of pool over lookup.rows, bit for bit: pooled outputs and row
-    gradients (sum, weighted mean, a shared table with a sequence, tile). With float32
+    gradients of the real unique keys (sum, weighted mean, a shared table with a
+    sequence, tile). With float32
     storage the sum/mean-only tables read the table rows themselves: lookup.rows set
     to NaN changes nothing there (bfloat16 storage, and tables with sequence / tile
     features, pool from lookup.rows)."""
@@ -187,7 +188,9 @@ def test_pool_vjp_reads_the_tables_and_matches_pool(monkeypatch, impl, dtype):
         return want, vjp(g_out), got, vjp2(g_out)
 
     want, g_want, got, g_got = both(state, lk)
-    for a, b in zip(jax.tree.leaves((got, g_got)), jax.tree.leaves((want, g_want))):
+    # pool_vjp leaves the rows of lanes past num_unique unspecified (the kernel skips them).
+    real = lambda g: {p: jnp.where(lk.tables[p].unique.valid[:, None], r, 0) for p, r in g[0].items()}  # noqa: E731
+    for a, b in zip(jax.tree.leaves((got, real(g_got))), jax.tree.leaves((want, real(g_want)))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(g_got))
 
@@ -199,6 +202,50 @@ def test_pool_vjp_reads_the_tables_and_matches_pool(monkeypatch, impl, dtype):
         assert finite == from_table, f
         if from_table:
             np.testing.assert_array_equal(np.asarray(got_nan[f]), np.asarray(want[f]))
+
+
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_pool_in_bfloat16_is_the_float32_pool_rounded(monkeypatch, impl):
+    """pool / pool_vjp with dtype=bfloat16 (what a bfloat16 DCNv2 reads) == the float32
+    pool cast to bfloat16, bit for bit, and its row gradients == the float32 path's for
+    the bfloat16 cotangent: two sum features of one table (pooled in bfloat16 by the
+    kernel, sample-major), a mean table (divided in float32, then rounded), a sequence."""
+    from pallas_kernels import dispatch
+
+    monkeypatch.setenv(dispatch.ENV_VAR, impl)
+    eng = EmbeddingEngine({"c": EmbeddingOption(8, combiner="sum"), "d": EmbeddingOption(8, combiner="sum"),
+                           "b": EmbeddingOption(4, combiner="mean"),
+                           "s": EmbeddingOption(6, combiner="none", length=3)})
+    assert len(eng.physical) == 3
+    b = batch(3)  # seeds RNG
+    feats = jax.device_put({"c": b["a"], "d": b["t"], "b": b["b"], "s": random_ragged(6, VOCAB, 5, 32)})
+    state = eng.init(sparse_sgd(0.1))
+    state, lk = jax.jit(eng.lookup)(state, feats)
+    bf16 = jnp.bfloat16
+
+    def cot(x, dtype):
+        return (jnp.sin(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape).astype(bf16).astype(dtype)
+                if jnp.issubdtype(x.dtype, jnp.floating) else np.zeros(x.shape, jax.dtypes.float0))
+
+    @jax.jit
+    def both(state, lk):
+        want, vjp32 = eng.pool_vjp(state, lk, feats)
+        got, vjp16 = eng.pool_vjp(state, lk, feats, bf16)
+        return (want, vjp32(jax.tree.map(lambda x: cot(x, jnp.float32), want)),
+                got, vjp16(jax.tree.map(lambda x: cot(x, bf16), got)), eng.pool(lk.rows, lk, feats, bf16))
+
+    want, g_want, got, g_got, plain = both(state, lk)
+    for f in ("c", "d", "b"):
+        assert got[f].dtype == bf16 and plain[f].dtype == bf16
+        np.testing.assert_array_equal(np.asarray(got[f]), np.asarray(want[f].astype(bf16)))
+        np.testing.assert_array_equal(np.asarray(plain[f]), np.asarray(got[f]))
+    np.testing.assert_array_equal(np.asarray(got["s"][0]), np.asarray(want["s"][0].astype(bf16)))
+    valid = {p: lk.tables[p].unique.valid[:, None] for p in lk.tables}
+    for p in g_want[0]:
+        assert g_got[0][p].dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(jnp.where(valid[p], g_got[0][p], 0)),
+                                      np.asarray(jnp.where(valid[p], g_want[0][p], 0)))
+    assert float(jnp.abs(got["c"].astype(jnp.float32)).sum()) > 0
 
 
 def test_sparse_adamw_example_through_the_engine():

@@ -8,12 +8,14 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from recis_jax.embedding import hashtable as ht
 from recis_jax.train import main as train_main
 from recis_jax.train import recipes
+from recis_jax.train.step import xla_options
 from recis_jax.train.trainer import Trainer, TrainingError
 
 SMALL = ["--config.features.num_categorical=4", "--config.features.num_dense=2", "--config.model.num_dense=2",
@@ -323,6 +325,17 @@ def test_other_configs_train(tmp_path, config):
                                           "--config.train.checkpoint_every=0", "--config.train.log_every=0"])
     s = train_main.train_and_evaluate(cfg, str(tmp_path))
     assert s["steps"] > 0 and 0 <= s["eval"]["auc"] <= 1 and np.isfinite(s["eval"]["logloss"])
+
+
+def test_dcnv2_recipe_pools_in_its_compute_dtype_without_command_buffers():
+    """configs/dcnv2.py: the bfloat16 model gets bfloat16 pooled embeddings (it casts them
+    first anyway) and its step compiles without CUDA graphs; the float32 smoke model
+    keeps float32 embeddings."""
+    cfg = train_main.load_config("configs/dcnv2.py")
+    assert recipes.task(cfg).embedding_dtype == jnp.bfloat16 and cfg.train.command_buffers is False
+    assert recipes.task(train_main.load_config("configs/dcnv2.py:smoke")).embedding_dtype is None
+    assert recipes.task(small_config()).embedding_dtype is None
+    assert xla_options(True) is None and xla_options(False) == {"xla_gpu_enable_command_buffer": ""}
 
 
 def test_gauc_eviction_profile_and_eval_cli(tmp_path):

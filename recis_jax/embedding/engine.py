@@ -277,23 +277,28 @@ class EmbeddingEngine:
         est = jnp.min(sketch[d, h], axis=0)
         return est >= adm.min_count, sketch
 
-    def pool(self, rows: dict[str, jax.Array], lookup: Lookup, features: dict[str, Ragged]) -> dict:
+    def pool(self, rows: dict[str, jax.Array], lookup: Lookup, features: dict[str, Ragged], dtype=None) -> dict:
         """{feature: pooled output} from the per-table rows ([N, dim] float32, the
-        differentiable input). Output shapes follow each feature's combiner. A table whose
+        differentiable input). Output shapes follow each feature's combiner; float
+        outputs are float32, or `dtype` (e.g. the bfloat16 a model computes in: sum
+        pools round their float32 sums to it once, in the kernel). A table whose
         features all sum or mean pools straight from its unique rows (`pool_unique`);
         others expand to per-occurrence rows first."""
-        return self._pool(rows, lookup, features, None)
+        return self._pool(rows, lookup, features, None, dtype)
 
-    def pool_vjp(self, state: dict[str, TableState], lookup: Lookup, features: dict[str, Ragged]):
-        """(pooled, vjp): `jax.vjp(lambda rows: self.pool(rows, lookup, features),
+    def pool_vjp(self, state: dict[str, TableState], lookup: Lookup, features: dict[str, Ragged], dtype=None):
+        """(pooled, vjp): `jax.vjp(lambda rows: self.pool(rows, lookup, features, dtype),
         lookup.rows)`, where the sum/mean tables (float32 storage) pool straight from the
         table rows: lookup.rows is then only the gradient's point and XLA drops its
         [N, dim] gather (the same values, so the same results bit for bit). `state` must
         be the tables `lookup` returned (after its inserts), so the rows read are the rows
-        lookup.rows holds. vjp(g_pooled) -> ({table: [N, dim] float32},)."""
-        return jax.vjp(lambda rows: self._pool(rows, lookup, features, state), lookup.rows)
+        lookup.rows holds. vjp(g_pooled) -> ({table: [N, dim] float32},), whose rows of
+        lanes past a sum/mean table's num_unique (no occurrence) are unspecified: only
+        the live lanes are used (`sparse_grads` masks the rest)."""
+        return jax.vjp(lambda rows: self._pool(rows, lookup, features, state, dtype), lookup.rows)
 
-    def _pool(self, rows, lookup, features, state):
+    def _pool(self, rows, lookup, features, state, dtype):
+        dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
         out = {}
         for pname, members in self.members.items():
             lk = lookup.tables[pname]
@@ -307,8 +312,11 @@ class EmbeddingEngine:
                 table = None
                 if state is not None and state[pname].table.embedding.dtype == jnp.float32:
                     table = (state[pname].table.embedding, lk.rows, lk.live)
+                # A mean divides the float32 sum before rounding.
+                sum_dtype = dtype if all(m.option.combiner == "sum" for m in members) else jnp.float32
                 sums = pool_unique(rows[pname], u.inverse, u.order, u.sorted_segment,
-                                   [(r.row_splits, rid, w) for r, rid, w in zip(layouts, rowids, ws)], table)
+                                   [(r.row_splits, rid, w) for r, rid, w in zip(layouts, rowids, ws)], table,
+                                   skip_padding=state is not None, dtype=sum_dtype)
                 for m, rid, w, s in zip(members, rowids, ws, sums):
                     out[m.feature] = mean_of_sum(s, rid, w) if m.option.combiner == "mean" else s
                 continue
@@ -317,7 +325,9 @@ class EmbeddingEngine:
             for m, r, sl in zip(members, layouts, jax.lax.split(occ, [r.capacity for r in layouts])):
                 w = r.weights if (m.option.use_weights and r.weights is not None) else None
                 out[m.feature] = pool(sl, r.row_splits, r.value_rowids(), w, m.option.combiner, m.option.length)
-        return out
+        if dtype == jnp.float32:
+            return out
+        return jax.tree.map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, out)
 
     # -- backward / update --------------------------------------------------------------
     def sparse_grads(self, lookup: Lookup, row_grads: dict[str, jax.Array], skip: jax.Array | None = None

@@ -113,7 +113,8 @@ _kernel_pool.defvjp(_kernel_pool_fwd, _kernel_pool_bwd)
 
 def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, sorted_segment: jax.Array,
                 bags: list[tuple[jax.Array, jax.Array, jax.Array | None]],
-                table: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> list[jax.Array]:
+                table: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                skip_padding: bool = False, dtype=jnp.float32) -> list[jax.Array]:
     """Sum-pools several features' bags straight from their unique rows.
 
     Args:
@@ -127,8 +128,15 @@ def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, so
         table's rows directly and unique_rows only carries the gradient (its values are
         never read, so XLA drops the [U, dim] gather that made them: 3 ms of a DLRM-dcnv2
         step on an H200). The caller guarantees the identity (`EmbeddingEngine.pool_vjp`).
+      skip_padding: the gradient's rows of unique indices without occurrences (the
+        padding past num_unique) are left unspecified instead of zero, for a caller that
+        masks them (the train step's sparse update): half the gradient's [U, dim] writes
+        for uniform IDs.
+      dtype: of the pooled sums, rounded once from float32 (bfloat16 for a model that
+        reads them in bfloat16: half the bytes of the pooled array, its model-side cast
+        and its gradient; the same numbers as a float32 output cast by the model).
     Returns:
-      per feature [B, dim] float32: sum_i w_i unique_rows[inverse_i] over each bag.
+      per feature [B, dim] `dtype`: sum_i w_i unique_rows[inverse_i] over each bag.
 
     The same sums as `pool(expand(...))` without the [N, dim] occurrence rows: the
     forward gathers unique rows into the features' bags, the backward gathers bag
@@ -137,14 +145,26 @@ def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, so
     ~16 ms of a 57 ms step on an H200. With the kernel, the forward runs one call per
     group of features with the same kernel configuration (bags of about the same
     length), so bags of 1 and of 100 items each get a tile that fits them.
+
+    When all features have the same B (a batch's columns do), the bags are laid out
+    sample-major, [B, F, dim]: every kernel call writes its features' bags into one
+    array, whose per-feature slices a model stacking the features back into [B, F, dim]
+    (DLRM, DeepFM) reads without a copy, and the backward takes that stack's gradient as
+    it is (feature-major, each direction cost a [B, F, dim] transposing copy: 2.2 ms of
+    the DLRM-dcnv2 step).
     """
     starts = tuple(int(v) for v in np.cumsum([0] + [r.shape[0] for _, r, _ in bags]))
     offsets = tuple(int(v) for v in np.cumsum([0] + [sp.shape[0] - 1 for sp, _, _ in bags]))
+    nf = len(bags)
+    num_bags = {sp.shape[0] - 1 for sp, _, _ in bags}
+    bag_major = len(num_bags) == 1
     # All bags as consecutive segments of the N lanes: a feature's last bag also spans
     # its padding lanes, which point at no row (-1).
     splits = jnp.concatenate([sp[:-1].astype(jnp.int32) + s for (sp, _, _), s in zip(bags, starts)]
                              + [jnp.full(1, starts[-1], jnp.int32)])
-    bag = jnp.concatenate([jnp.where(r < sp.shape[0] - 1, r + o, -1) for (sp, r, _), o in zip(bags, offsets)])
+    # Each lane's bag: its row of the pooled array (sample-major or feature-major).
+    bag = jnp.concatenate([jnp.where(r < sp.shape[0] - 1, r * nf + f if bag_major else r + o, -1)
+                           for f, ((sp, r, _), o) in enumerate(zip(bags, offsets))])
     idx = jnp.where(bag >= 0, inverse, -1)  # each lane's unique row
     src, src_idx = unique_rows, idx
     if table is not None:
@@ -157,20 +177,26 @@ def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, so
                                    for _, r, w in bags])
     impl = _kernel_impl("pool") or "reference"
     layout = _Layout(starts, offsets, _config_groups(unique_rows.shape[1], starts, offsets, impl), impl,
-                     unique_rows.shape[0])
+                     unique_rows.shape[0], bag_major, skip_padding, jnp.dtype(dtype))
     return list(_pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order, sorted_segment))
 
 
 class _Layout(NamedTuple):
     """Static layout of `pool_unique`'s lanes: feature f's lanes are starts[f] ..
     starts[f+1] - 1 and its bags segments offsets[f] .. offsets[f+1] - 1; `groups` are
-    tuples of (kernel config, features) pooled by one kernel call each; U unique rows."""
+    tuples of (kernel config, features) pooled by one kernel call each; U unique rows;
+    bag_major: the pooled rows are [B, F, dim] (else feature after feature);
+    skip_padding: the backward leaves the rows of unique indices without lanes unwritten;
+    dtype: of the pooled rows."""
 
     starts: tuple[int, ...]
     offsets: tuple[int, ...]
     groups: tuple[tuple[eb.Config | None, tuple[int, ...]], ...]
     impl: str
     num_unique_rows: int
+    bag_major: bool
+    skip_padding: bool
+    dtype: jnp.dtype
 
 
 def _config_groups(dim, starts, offsets, impl):
@@ -201,21 +227,35 @@ def _group_inputs(layout, feats, splits, idx, weights):
 def _pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order, sorted_segment):
     """Per feature [B_f, dim]: bag s sums weights[i] * src[src_idx[i]] over lanes
     splits[s] .. splits[s+1] - 1, where src[src_idx[i]] is lane i's unique row (src is
-    unique_rows, or the table they came from). bag [N]: each lane's segment (-1: none),
-    for the backward, which is w.r.t. unique_rows."""
+    unique_rows, or the table they came from). bag [N]: each lane's row of the pooled
+    array (-1: none), for the backward, which is w.r.t. unique_rows."""
     del unique_rows  # the values come from src; unique_rows is the differentiation point
-    out = [None] * (len(layout.starts) - 1)
+    nf, d = len(layout.starts) - 1, src.shape[1]
+    sizes = [layout.offsets[f + 1] - layout.offsets[f] for f in range(nf)]
+    if layout.impl == "reference":  # one group: every feature, feature after feature
+        pooled = eb.segment_gather_sum(src, splits, src_idx, weights, impl="reference", dtype=layout.dtype)
+        if not layout.bag_major:
+            # lax.split: its transpose is one concatenate (slices would transpose to a sum of pads).
+            return tuple(jax.lax.split(pooled, sizes))
+        pooled = pooled.reshape(nf, sizes[0], d).transpose(1, 0, 2)
+        return tuple(pooled[:, f] for f in range(nf))
+    out = [None] * nf
+    buf = None  # bag_major: [B * F, dim], filled group by group in place
     for cfg, feats in layout.groups:
         g_splits, g_idx, g_w = _group_inputs(layout, feats, splits, src_idx, weights)
-        if layout.impl == "reference":
-            pooled = eb.segment_gather_sum(src, g_splits, g_idx, g_w, impl="reference")
-        else:
-            pooled = eb.segment_gather_sum_pallas(src, g_splits, g_idx, g_w, config=cfg,
-                                                  interpret=(layout.impl == "interpret"))
-        sizes = [layout.offsets[f + 1] - layout.offsets[f] for f in feats]
-        # lax.split: its transpose is one concatenate (slices would transpose to a sum of pads).
-        for f, o in zip(feats, jax.lax.split(pooled, sizes)):
+        kw = dict(config=cfg, interpret=layout.impl == "interpret", dtype=layout.dtype)
+        if layout.bag_major:
+            b = sizes[0]
+            rows = jnp.concatenate([jnp.arange(b, dtype=jnp.int32) * nf + f for f in feats])
+            buf = eb.segment_gather_sum_pallas(src, g_splits, g_idx, g_w, out_rows=rows, out=buf,
+                                               num_out=b * nf if buf is None else None, **kw)
+            continue
+        pooled = eb.segment_gather_sum_pallas(src, g_splits, g_idx, g_w, **kw)
+        for f, o in zip(feats, jax.lax.split(pooled, [sizes[f] for f in feats])):
             out[f] = o
+    if layout.bag_major:
+        buf = buf.reshape(sizes[0], nf, d)
+        return tuple(buf[:, f] for f in range(nf))
     return tuple(out)
 
 
@@ -226,11 +266,14 @@ def _pool_unique_fwd(layout, unique_rows, weights, src, src_idx, splits, bag, or
 
 def _pool_unique_bwd(layout, res, gs):
     weights, src, src_idx, bag, order, sorted_segment = res
-    g = jnp.concatenate(gs)  # [S, dim], the bags in feature order
+    # [bags, dim], rows as `bag` numbers them. Sample-major: the stack of slices of the
+    # model's [B, F, dim] gradient, which XLA folds back into that array.
+    g = jnp.stack(gs, axis=1).reshape(-1, gs[0].shape[-1]) if layout.bag_major else jnp.concatenate(gs)
     impl = _kernel_impl("expand_bwd") or "reference"
     # The lanes in unique-row order gather their bag's gradient.
     splits_u = eb.splits_from_sorted_segment(sorted_segment, layout.num_unique_rows)
-    g_unique = eb.segment_gather_sum(g, splits_u, bag[order], None if weights is None else weights[order], impl=impl)
+    g_unique = eb.segment_gather_sum(g, splits_u, bag[order], None if weights is None else weights[order], impl=impl,
+                                     skip_empty=layout.skip_padding and impl != "reference", dtype=jnp.float32)
     dw = None
     if weights is not None:  # d/dw_i = <g[bag_i], row_i>; dead code (removed by XLA) unless weights train
         row = jnp.where((src_idx >= 0)[:, None], src[jnp.maximum(src_idx, 0)].astype(jnp.float32), 0)

@@ -133,7 +133,8 @@ def make_trainer(cfg, workdir: str, recipe: recipes.Recipe) -> Trainer:
     kw = dict(features=recipe.features, workdir=workdir, seed=cfg.seed, log_every=t.log_every,
               eval_every=t.eval_every or None, checkpoint_every=t.checkpoint_every or None, keep_last=t.keep_last,
               keep_every=t.get("keep_every") or None, accum_steps=t.accum_steps,
-              steps_per_call=t.get("steps_per_call", 1), profile=profile,
+              steps_per_call=t.get("steps_per_call", 1), command_buffers=t.get("command_buffers", True),
+              profile=profile,
               config_hash=config_hash(cfg))
     n = t.get("mesh", 0) or (jax.device_count() if jax.process_count() > 1 else 0)
     if n > 1:

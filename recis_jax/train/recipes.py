@@ -146,9 +146,12 @@ def task(cfg) -> Task:
     else:
         raise ValueError(f"the CTR recipe builds deepfm, dcnv2 or seq_ctr, not {name!r}")
     loss = cfg.loss
+    # DCNv2 casts its embeddings to its compute dtype first: pooling rounds them there.
+    emb_dtype = cfg.model.get("dtype", "float32") if name == "dcnv2" else None
     return Task(from_config(cfg.model), inputs, labels=tuple(loss.get("labels", ("label",))),
                 task_weights=tuple(loss.task_weights) if loss.get("task_weights") else None,
-                sample_weight=loss.get("sample_weight") or None, group=cfg.eval.get("gauc_group") or None)
+                sample_weight=loss.get("sample_weight") or None, group=cfg.eval.get("gauc_group") or None,
+                embedding_dtype=None if emb_dtype in (None, "float32") else jnp.dtype(emb_dtype))
 
 
 def dense_optimizer(t) -> optax.GradientTransformation:

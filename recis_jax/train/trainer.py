@@ -93,6 +93,8 @@ class Trainer:
         it has a workdir).
       keep_last, keep_every: checkpoint retention.
       accum_steps: micro-batches per update (sparse gradient accumulation).
+      command_buffers: XLA:GPU CUDA graphs for the step (`step.make_train_step`; the
+        one-device step only).
       steps_per_call: steps dispatched as one device call (`step.make_multi_step`) when no
         log / eval / checkpoint / eviction / profile / num_steps boundary falls inside
         them (those steps go one by one), so hooks run at the same steps as with 1.
@@ -108,7 +110,7 @@ class Trainer:
                  *, features=None, workdir: str | None = None, seed: int = 0, log_every: int | None = 100,
                  eval_every: int | None = None, checkpoint_every: int | None = None, keep_last: int | None = 3,
                  keep_every: int | None = None, accum_steps: int = 1, steps_per_call: int = 1,
-                 max_rows: int | dict | None = None,
+                 command_buffers: bool = True, max_rows: int | dict | None = None,
                  profile: tuple[int, int] | None = None, tensorboard: bool = True, config_hash: str = "",
                  progress: ProgressLogger | None = None):
         self.task, self.engine, self.features = task, engine, features
@@ -124,8 +126,9 @@ class Trainer:
         self.progress = progress or ProgressLogger()
         if jax.default_backend() == "cpu":
             keep_freed_host_memory()  # XLA:CPU's per-step temporaries: no page faults (runtime.py)
-        self._train_step = make_train_step(task, engine, features, dense_tx, sparse_opt, accum_steps)
-        self._train_steps = make_multi_step(self._train_step)
+        self._train_step = make_train_step(task, engine, features, dense_tx, sparse_opt, accum_steps,
+                                           command_buffers=command_buffers)
+        self._train_steps = make_multi_step(self._train_step, command_buffers=command_buffers)
         self._eval_step = make_eval_step(task, engine, features)
         # Multi-process runs: every process writes its own table shards into one checkpoint
         # (the workdir must be on a filesystem all processes see); metrics come from process 0.
