@@ -460,6 +460,8 @@ def main() -> None:
     ap.add_argument("--frameworks", default="jax,torch-static,torch-mapped")
     ap.add_argument("--torch-python", default=sys.executable)
     ap.add_argument("--torch-compile", default="", help="workloads whose torch runs also run with --compile")
+    ap.add_argument("--no-torch-eager", action="store_true",
+                    help="skip the eager torch runs of the --torch-compile workloads (compiled only)")
     ap.add_argument("--multi-step", default="", help="workloads whose recis-jax run also runs with "
                                                      "--window-steps steps per call (make_multi_step)")
     ap.add_argument("--warmup", type=int, default=None)
@@ -513,7 +515,8 @@ def main() -> None:
             for mode in ("static", "mapped"):
                 if f"torch-{mode}" not in frameworks:
                     continue
-                for comp in ([False, True] if wname in a.torch_compile.split(",") else [False]):
+                compiled = wname in a.torch_compile.split(",")
+                for comp in (([] if a.no_torch_eager else [False]) + [True] if compiled else [False]):
                     out = tmp / f"{tag}_torch_{mode}{'_compile' if comp else ''}.json"
                     cmd = [a.torch_python, str(TORCH_SCRIPT), "--workload", wname, "--dist", dist, "--mode", mode,
                            "--device", "cuda" if gpu else "cpu", "--out", str(out)] + timing + \
