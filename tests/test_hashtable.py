@@ -348,13 +348,13 @@ def _claim_oracle(state, homes, need, max_probes):
     return placed, tomb, bool(active.any())
 
 
-@pytest.mark.parametrize("n,crowd", [(64, 16), (512, 64), (512, 400)])
+@pytest.mark.parametrize("n,crowd", [(64, 16), (512, 64), (512, 400), (4096, 3000)])
 def test_claim_slots_matches_sequential_rounds(n, crowd):
     # Keys crowd into a few home slots of a half-full index with tombstones, so the
-    # rounds run long, lanes contend, and (crowd 400) the rounds over all lanes hand
-    # over to the compacted lanes at different points.
+    # rounds run long, lanes contend, and (crowd 400, 3000) the rounds over all lanes hand
+    # over to the compacted lanes at different points (4096 lanes: three tiers).
     rng = np.random.default_rng(n + crowd)
-    s = 1024
+    s = max(1024, 4 * n)
     state = rng.choice([ht.EMPTY, ht.LIVE, ht.TOMBSTONE], s, p=[0.45, 0.45, 0.1]).astype(np.int8)
     index = ht.create(CFG, 8, num_slots=s)._replace(slot_state=jnp.asarray(state))
     keys = np.concatenate([keys_with_home(s, int(h), 1 + n // crowd) for h in rng.integers(0, s, crowd)])[:n]

@@ -202,10 +202,10 @@ def _find_xla(state, tables: jax.Array, keys: jax.Array, valid: jax.Array, max_p
     `state`: a HashTableState or pallas_kernels.hashtable.Index.
 
     Most lanes end in the first round or two while the longest chain sets the number of
-    rounds, so once at most N / 8 lanes are active the rest run over those compacted."""
+    rounds, so once at most N / 8 lanes are active the rest run over those compacted, and
+    so on (`_tiers`)."""
     s = state.num_slots
     n = keys.shape[0]
-    m = _compact_size(n)
 
     def rounds(c, keys, tables, more_than):
         """Probe rounds over c's lanes while more than `more_than` are active."""
@@ -224,19 +224,41 @@ def _find_xla(state, tables: jax.Array, keys: jax.Array, valid: jax.Array, max_p
         return jax.lax.while_loop(lambda c: (c[0] < max_probes) & (jnp.sum(c[2], dtype=jnp.int32) > more_than),
                                   body, c)
 
+    tiers = _tiers(n)
     init = (jnp.int32(0), home_slot(tables, keys, s), valid, jnp.full(n, -1, jnp.int32), jnp.zeros(n, jnp.int32),
             jnp.zeros(n, bool))
-    i, pos, active, slot, rows, found = rounds(init, keys, tables, m)
+    i, pos, active, slot, rows, found = rounds(init, keys, tables, tiers[1] if len(tiers) > 1 else 0)
+    lanes = None  # the lanes of the current tier (None: all)
+    for j, m in enumerate(tiers[1:], 1):
+        lanes, tgt, c = _next_tier(lanes, n, m, i, pos, active)
+        c = c + (jnp.full(m, -1, jnp.int32), jnp.zeros(m, jnp.int32), jnp.zeros(m, bool))
+        i, pos, active, sub_slot, sub_rows, sub_found = rounds(
+            c, keys[lanes], tables[lanes], tiers[j + 1] if j + 1 < len(tiers) else 0)
+        rows, found = rows.at[tgt].set(sub_rows, mode="drop"), found.at[tgt].set(sub_found, mode="drop")
+        slot = slot.at[tgt].set(sub_slot, mode="drop")
+    return FindResult(rows, found, slot)
+
+
+def _tiers(n: int) -> list[int]:
+    """Lane counts of the rounds of `_find_xla` / `_claim_slots`: all N lanes, then the
+    still active ones compacted into N / 8 lanes once at most that many are, then N / 64,
+    ... (down to 64 lanes or fewer). A claim round sorts all its lanes: after the first
+    round of a DeepFM step (106k lanes) a few thousand are active for 5-10 more rounds,
+    which sorted 13k lanes each with one compaction and now sort 1.7k or 208."""
+    tiers = [n]
+    while tiers[-1] > 64:
+        tiers.append(-(-tiers[-1] // 8))
+    return tiers
+
+
+def _next_tier(lanes, n: int, m: int, i, pos, active):
+    """The active lanes of a tier compacted into the next one's m (`_tiers`): (lanes [m]
+    the next tier's lanes among all n (clipped), tgt [m] the same with n for padding, the
+    loop carry (i, pos [m], active [m])). Compacts the tier's own arrays (not all n lanes:
+    a cumsum and a scatter over 106k lanes cost ~0.7 ms on a 2-core CPU)."""
     sub, subc, live = _compact(active, m)
-    c = (i, pos[subc], live, jnp.full(m, -1, jnp.int32), jnp.zeros(m, jnp.int32), jnp.zeros(m, bool))
-    _, _, _, sub_slot, sub_rows, sub_found = rounds(c, keys[subc], tables[subc], 0)
-    return FindResult(rows.at[sub].set(sub_rows, mode="drop"), found.at[sub].set(sub_found, mode="drop"),
-                      slot.at[sub].set(sub_slot, mode="drop"))
-
-
-def _compact_size(n: int) -> int:
-    """Lanes of the compacted rounds of `_find_xla` / `_claim_slots`."""
-    return max(1, -(-n // 8))
+    lanes = subc if lanes is None else lanes[subc]
+    return lanes, jnp.where(live, lanes, n), (i, pos[subc], live)
 
 
 def _compact(active: jax.Array, m: int):
@@ -344,15 +366,15 @@ def _claim_slots(state, tables, keys, need, max_probes):
 
     Most lanes are placed in the first round or two, while the longest probe chain sets
     the number of rounds (10-20), so once at most N / 8 lanes are active the rest run
-    over those lanes compacted (in lane order: the same winners); the slots taken so far
-    are the run heads of the last round's sorted keys, looked up by binary search.
+    over those lanes compacted (in lane order: the same winners), and again at N / 64, ...
+    (`_tiers`); the slots taken in a finished tier are the run heads of its last round's
+    sorted keys, looked up by binary search.
 
     Returns (placed int32 [N]: slot per lane or -1, was_tombstone bool [N]: the placed
     slot held a tombstone, overflow: a need lane found none).
     """
     s = state.num_slots
     n = keys.shape[0]
-    m = _compact_size(n)
     if s > (1 << 31):
         raise ValueError(f"the XLA insert handles up to 2^31 index slots, got {s}")
     # One uint64 per lane, (2 * slot + active) << 32 | lane: distinct, so a plain sort of
@@ -382,21 +404,29 @@ def _claim_slots(state, tables, keys, need, max_probes):
         return jax.lax.while_loop(lambda c: (c[0] < max_probes) & (jnp.sum(c[2], dtype=jnp.int32) > more_than),
                                   body, c)
 
+    def taken_in(taken, earlier):
+        """Blocked slots: those of earlier tiers, and the run heads of `taken`, a tier's
+        last sorted keys (a slot with a run there was placed in that tier)."""
+        def blocked(p):
+            head = taken[jnp.minimum(jnp.searchsorted(taken, u64(p) << 33), taken.shape[0] - 1)]
+            return earlier(p) | ((head != none) & ((head >> 33) == u64(p)))
+        return blocked
+
+    tiers = _tiers(n)
+    blocked = lambda p: jnp.zeros(p.shape, bool)  # noqa: E731
     init = (jnp.int32(0), home_slot(tables, keys, s), need, jnp.full(n, -1, jnp.int32), jnp.zeros(n, bool),
             jnp.full(n, none))
-    i, pos, active, placed, tomb, taken = rounds(init, m, lambda p: jnp.zeros(p.shape, bool))
-
-    def blocked(p):  # slot p heads a run of the last round's sorted keys: it is taken
-        head = taken[jnp.minimum(jnp.searchsorted(taken, u64(p) << 33), n - 1)]
-        return (head != none) & ((head >> 33) == u64(p))
-
-    sub, subc, live = _compact(active, m)
-    c = (i, pos[subc], live, jnp.full(m, -1, jnp.int32), jnp.zeros(m, bool), jnp.full(m, none))
-    _, _, sub_active, sub_placed, sub_tomb, _ = rounds(c, 0, blocked)
-    placed = placed.at[sub].set(sub_placed, mode="drop")
-    tomb = tomb.at[sub].set(sub_tomb, mode="drop")
-    active = active.at[sub].set(sub_active, mode="drop")
-    return placed, tomb, jnp.sum(active) > 0
+    i, pos, active, placed, tomb, taken = rounds(init, tiers[1] if len(tiers) > 1 else 0, blocked)
+    lanes, lost = None, jnp.asarray(False)
+    for j, m in enumerate(tiers[1:], 1):
+        blocked = taken_in(taken, blocked)
+        lost = lost | (jnp.sum(active, dtype=jnp.int32) > m)  # out of probes with more active
+        lanes, tgt, c = _next_tier(lanes, n, m, i, pos, active)
+        c = c + (jnp.full(m, -1, jnp.int32), jnp.zeros(m, bool), jnp.full(m, none))
+        i, pos, active, sub_placed, sub_tomb, taken = rounds(c, tiers[j + 1] if j + 1 < len(tiers) else 0, blocked)
+        placed = placed.at[tgt].set(sub_placed, mode="drop")
+        tomb = tomb.at[tgt].set(sub_tomb, mode="drop")
+    return placed, tomb, lost | (jnp.sum(active) > 0)
 
 
 def _write_slots(state, ok, placed, tables, keys, rows) -> dict:
