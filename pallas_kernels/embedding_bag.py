@@ -474,8 +474,8 @@ def segment_gather_sum(src: jax.Array, splits: jax.Array, idx: jax.Array | None 
       impl: dispatch override (see pallas_kernels.dispatch).
       out_rows: [S] int32 distinct output row of each segment (default: row s). With
         `out`, lets several calls fill one array (e.g. bags in sample-major order).
-      out: [M, D] array in src's dtype to write into: rows no segment writes keep its
-        values (the kernel writes in place when out is donated or dead).
+      out: [M, D] array in the output's dtype to write into: rows no segment writes
+        keep its values (the kernel writes in place when out is donated or dead).
       num_out: without `out`, the rows of the new output (default S); rows no segment
         writes are then unspecified (zeros in the reference).
       skip_empty: empty segments write nothing (their rows are as if unwritten): the

@@ -150,8 +150,8 @@ def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, so
     sample-major, [B, F, dim]: every kernel call writes its features' bags into one
     array, whose per-feature slices a model stacking the features back into [B, F, dim]
     (DLRM, DeepFM) reads without a copy, and the backward takes that stack's gradient as
-    it is (feature-major, each direction cost a [B, F, dim] transposing copy: 2.2 ms of
-    the DLRM-dcnv2 step).
+    it is (feature-major, it concatenated the F gradients: 1.1 ms of the DLRM-dcnv2 step
+    on an H200).
     """
     starts = tuple(int(v) for v in np.cumsum([0] + [r.shape[0] for _, r, _ in bags]))
     offsets = tuple(int(v) for v in np.cumsum([0] + [sp.shape[0] - 1 for sp, _, _ in bags]))
