@@ -17,7 +17,9 @@ same whatever the algorithm: bitwise what `lax.sort` returns.
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -56,13 +58,52 @@ def _sort_inplace(v: np.ndarray) -> np.ndarray:
     sorted array either way."""
     n = v.shape[0]
     if n < _SPLIT_MIN or (os.cpu_count() or 1) < 2:
-        v.sort()
+        _sort_part(v)
         return v
-    upper = _HALF_SORTER.submit(v[n // 2:].sort)
-    v[:n // 2].sort()
+    upper = _HALF_SORTER.submit(_sort_part, v[n // 2:])
+    _sort_part(v[:n // 2])
     upper.result()
     v.sort(kind="stable")
     return v
+
+
+# np.sort of rows this short runs sorting networks, without partition passes.
+_ROW = 256
+
+
+def _sort_part(v: np.ndarray) -> None:
+    """Sorts v in place: by NumPy's sort, or where that is faster (`_rows_then_merge`) as
+    rows of _ROW values, each sorted, merged by timsort."""
+    if v.shape[0] >= 4 * _ROW and _rows_then_merge():
+        m = v.shape[0] // _ROW * _ROW
+        v[:m].reshape(-1, _ROW).sort(axis=1)
+        v.sort(kind="stable")
+    else:
+        v.sort()
+
+
+@functools.cache
+def _rows_then_merge() -> bool:
+    """Whether sorted rows merged by timsort beat NumPy's sort here (timed once, 64k
+    values): on the 2-core AMD EPYC its AVX-512 quicksort partitions slowly and they do
+    (53k lanes: 2.2 -> 1.6 ms), on an Intel Xeon its sort takes 0.3 ms and they would not.
+    Either way the sorted array is the same."""
+    x = np.random.default_rng(0).integers(0, 2**63, 1 << 16, dtype=np.uint64)
+
+    def best(sort):
+        times = []
+        for _ in range(3):
+            y = x.copy()
+            t0 = time.perf_counter()
+            sort(y)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def rows(y):
+        y.reshape(-1, _ROW).sort(axis=1)
+        y.sort(kind="stable")
+
+    return best(rows) < best(np.ndarray.sort)
 
 
 def sort_by_table_and_key(tables: jax.Array, keys: jax.Array):
