@@ -9,7 +9,9 @@ benchmarks/torch_baseline/e2e_torch.py). Every (framework, workload, distributio
 runs in its own process (JAX preallocates most of the GPU memory) with the same timing:
 `num_batches` generated batches placed on the device before timing and cycled; the first
 step (compilation) timed apart; warm-up steps; then windows of steps with one device sync
-per window; step time = median window / steps per window; samples/s = batch / step time.
+per window; step time = median window / steps per window; samples/s = batch / step time
+(GPU: 5 warm-up steps, 5 windows of 5; CPU: 2 warm-up steps, 5 windows of 3: with fewer, the
+CPU's DeepFM steps, mostly inserts of new IDs at first, swung by 20-30% between runs).
 With `--multi-step W`, workload W's recis-jax side also runs with `train.steps_per_call`
 = --window-steps (`make_multi_step`: one call runs a window's steps over its stacked
 batches, so the host dispatches once per window; the same steps per sync as the others).
@@ -487,7 +489,7 @@ def main() -> None:
     a = ap.parse_args()
     gpu = a.device == "gpu"
     a.warmup = a.warmup if a.warmup is not None else (5 if gpu else 2)
-    a.windows = a.windows if a.windows is not None else (5 if gpu else 3)
+    a.windows = a.windows if a.windows is not None else 5
     a.window_steps = a.window_steps if a.window_steps is not None else (5 if gpu else 3)
     if a.one:
         r = run_jax(a)
