@@ -146,18 +146,19 @@ def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, so
     group of features with the same kernel configuration (bags of about the same
     length), so bags of 1 and of 100 items each get a tile that fits them.
 
-    When all features have the same B (a batch's columns do), the bags are laid out
-    sample-major, [B, F, dim]: every kernel call writes its features' bags into one
-    array, whose per-feature slices a model stacking the features back into [B, F, dim]
-    (DLRM, DeepFM) reads without a copy, and the backward takes that stack's gradient as
-    it is (feature-major, it concatenated the F gradients: 1.1 ms of the DLRM-dcnv2 step
-    on an H200).
+    With the kernel, when all features have the same B (a batch's columns do), the bags
+    are laid out sample-major, [B, F, dim]: every kernel call writes its features' bags
+    into one array, whose per-feature slices a model stacking the features back into
+    [B, F, dim] (DLRM, DeepFM) reads without a copy, and the backward takes that stack's
+    gradient as it is (feature-major, it concatenated the F gradients: 1.1 ms of the
+    DLRM-dcnv2 step on an H200).
     """
     starts = tuple(int(v) for v in np.cumsum([0] + [r.shape[0] for _, r, _ in bags]))
     offsets = tuple(int(v) for v in np.cumsum([0] + [sp.shape[0] - 1 for sp, _, _ in bags]))
     nf = len(bags)
-    num_bags = {sp.shape[0] - 1 for sp, _, _ in bags}
-    bag_major = len(num_bags) == 1
+    impl = _kernel_impl("pool") or "reference"
+    # Sample-major where the kernel can write it so (the XLA path's sums are feature-major).
+    bag_major = impl != "reference" and len({sp.shape[0] - 1 for sp, _, _ in bags}) == 1
     # All bags as consecutive segments of the N lanes: a feature's last bag also spans
     # its padding lanes, which point at no row (-1).
     splits = jnp.concatenate([sp[:-1].astype(jnp.int32) + s for (sp, _, _), s in zip(bags, starts)]
@@ -175,7 +176,6 @@ def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, so
     if any(w is not None for _, _, w in bags):
         weights = jnp.concatenate([jnp.ones(r.shape[0], jnp.float32) if w is None else w.astype(jnp.float32)
                                    for _, r, w in bags])
-    impl = _kernel_impl("pool") or "reference"
     layout = _Layout(starts, offsets, _config_groups(unique_rows.shape[1], starts, offsets, impl), impl,
                      unique_rows.shape[0], bag_major, skip_padding, jnp.dtype(dtype))
     return list(_pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order, sorted_segment))
@@ -234,11 +234,8 @@ def _pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order,
     sizes = [layout.offsets[f + 1] - layout.offsets[f] for f in range(nf)]
     if layout.impl == "reference":  # one group: every feature, feature after feature
         pooled = eb.segment_gather_sum(src, splits, src_idx, weights, impl="reference", dtype=layout.dtype)
-        if not layout.bag_major:
-            # lax.split: its transpose is one concatenate (slices would transpose to a sum of pads).
-            return tuple(jax.lax.split(pooled, sizes))
-        pooled = pooled.reshape(nf, sizes[0], d).transpose(1, 0, 2)
-        return tuple(pooled[:, f] for f in range(nf))
+        # lax.split: its transpose is one concatenate (slices would transpose to a sum of pads).
+        return tuple(jax.lax.split(pooled, sizes))
     out = [None] * nf
     buf = None  # bag_major: [B * F, dim], filled group by group in place
     for cfg, feats in layout.groups:
