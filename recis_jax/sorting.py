@@ -75,11 +75,17 @@ def _sort_part(v: np.ndarray) -> None:
     """Sorts v in place: by NumPy's sort, or where that is faster (`_rows_then_merge`) as
     rows of _ROW values, each sorted, merged by timsort."""
     if v.shape[0] >= 4 * _ROW and _rows_then_merge():
-        m = v.shape[0] // _ROW * _ROW
-        v[:m].reshape(-1, _ROW).sort(axis=1)
-        v.sort(kind="stable")
+        _sort_rows_and_merge(v)
     else:
         v.sort()
+
+
+def _sort_rows_and_merge(v: np.ndarray) -> None:
+    """Sorts v in place as rows of _ROW values (a tail shorter than a row stays as it
+    is), then merges all runs with timsort."""
+    m = v.shape[0] // _ROW * _ROW
+    v[:m].reshape(-1, _ROW).sort(axis=1)
+    v.sort(kind="stable")
 
 
 @functools.cache
@@ -99,11 +105,7 @@ def _rows_then_merge() -> bool:
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    def rows(y):
-        y.reshape(-1, _ROW).sort(axis=1)
-        y.sort(kind="stable")
-
-    return best(rows) < best(np.ndarray.sort)
+    return best(_sort_rows_and_merge) < best(np.ndarray.sort)
 
 
 def sort_by_table_and_key(tables: jax.Array, keys: jax.Array):
