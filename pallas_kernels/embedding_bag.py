@@ -174,20 +174,22 @@ def segment_gather_sum_reference(src: jax.Array, splits: jax.Array, idx: jax.Arr
 
 # ----------------------------------------------------------------------------- kernels
 
-def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean, has_out_rows, has_out,
-                  skip_empty):
-    it = iter(refs)
-    splits_ref, slot_seg_ref, xoff_ref = next(it), next(it), next(it)
-    idx_ref = next(it) if has_idx else None
-    w_ref = next(it) if has_w else None
-    out_rows_ref = next(it) if has_out_rows else None
-    src_ref = next(it)
-    if has_out:
-        next(it)  # aliased with out_ref
-    out_ref, part_ref = next(it), next(it)
-    pw_ref = next(it) if mean else None
+class _Pieces(NamedTuple):
+    """A program's G piece lanes (see `piece_lanes`)."""
 
-    g, k, big_l = config.lanes, config.rows, config.piece
+    segc: jax.Array   # [G] the lane's segment (clipped into [0, S))
+    valid: jax.Array  # [G] the lane holds a piece
+    long: jax.Array   # [G] its segment has more than one piece (partial rows)
+    n: jax.Array      # [G] its segment's item count
+    slot: jax.Array   # [G] its partial row's slot (for long segments)
+    a: jax.Array      # [G] its first item
+    b: jax.Array      # [G] one past its last item
+
+
+def piece_lanes(splits_ref, slot_seg_ref, xoff_ref, *, num_seg, num_slots, config) -> _Pieces:
+    """The pieces of this program's G lanes: the first S lanes are the segments' first
+    pieces, the next X the further pieces of long segments (their slots)."""
+    g, big_l = config.lanes, config.piece
     s, x_cap = num_seg, num_slots
     lane = pl.program_id(0) * g + lax.broadcasted_iota(jnp.int32, (g,), 0)       # [G]
     is_seg = lane < s
@@ -204,9 +206,17 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean, has_o
     j = jnp.where(valid, j, 0)
     a = s0 + j * big_l
     b = jnp.where(valid, jnp.minimum(a + big_l, e), a)
+    return _Pieces(segc, valid, npieces > 1, n, xo + j, a, b)
+
+
+def piece_sums(pieces: _Pieces, idx_ref, w_ref, src_ref, *, config, mean: bool):
+    """(acc [G, Dp] float32, wacc [G]): each lane's weighted sum of src rows over its
+    piece's items (Dp = src's width rounded up to a power of 2, columns >= D zero), and
+    its weight sum (with `mean`)."""
+    g, k = config.lanes, config.rows
+    a, b = pieces.a, pieces.b
     steps = jnp.max((b - a + (k - 1)) // k)
     col = lax.broadcasted_iota(jnp.int32, (g, k), 1)
-
     d = src_ref.shape[1]
     dp = _next_pow2(d)  # Triton tiles are powers of 2: columns >= d are masked
     cols = lax.broadcasted_iota(jnp.int32, (g, k, dp), 2)
@@ -217,7 +227,7 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean, has_o
         m = pos < b[:, None]
         # Masked loads: lanes past a piece's end move no data (interpret mode reads
         # clamped / wrapped indices and then replaces them with `other`).
-        if has_idx:
+        if idx_ref is not None:
             ids = plgpu.load(idx_ref.at[pos], mask=m, other=jnp.int32(-1))        # [G, K]
             m = m & (ids >= 0)
         else:
@@ -229,7 +239,7 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean, has_o
             m3, c3 = m[:, :, None] & (cols < d), jnp.minimum(cols, d - 1)
         rows = plgpu.load(src_ref.at[r3, c3], mask=m3,
                           other=jnp.zeros((), src_ref.dtype)).astype(jnp.float32)  # [G, K, Dp]
-        if has_w:
+        if w_ref is not None:
             w = plgpu.load(w_ref.at[pos], mask=m, other=_F0)                      # [G, K]
             xv = rows * w[:, :, None]
         else:
@@ -240,26 +250,48 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean, has_o
             wacc = wacc + jnp.sum(w, axis=1)                                      # [G]
         return acc, wacc
 
-    acc0 = jnp.zeros((g, dp), jnp.float32)
-    wacc0 = jnp.zeros((g,), jnp.float32)
-    acc, wacc = lax.fori_loop(0, steps, body, (acc0, wacc0))
-    long = npieces > 1
+    return lax.fori_loop(0, steps, body, (jnp.zeros((g, dp), jnp.float32), jnp.zeros((g,), jnp.float32)))
+
+
+def store_partials(part_ref, pieces: _Pieces, acc, num_slots):
+    """The pieces of long segments store their float32 partial rows in their slots."""
+    lane_local = lax.broadcasted_iota(jnp.int32, (acc.shape[0],), 0)
+    to_part = pieces.valid & pieces.long
+    slot = jnp.where(to_part, pieces.slot, num_slots + lane_local)
+    _store_rows(part_ref, slot, acc, to_part)
+    return slot, to_part
+
+
+def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean, has_out_rows, has_out,
+                  skip_empty):
+    it = iter(refs)
+    splits_ref, slot_seg_ref, xoff_ref = next(it), next(it), next(it)
+    idx_ref = next(it) if has_idx else None
+    w_ref = next(it) if has_w else None
+    out_rows_ref = next(it) if has_out_rows else None
+    src_ref = next(it)
+    if has_out:
+        next(it)  # aliased with out_ref
+    out_ref, part_ref = next(it), next(it)
+    pw_ref = next(it) if mean else None
+
+    pieces = piece_lanes(splits_ref, slot_seg_ref, xoff_ref, num_seg=num_seg, num_slots=num_slots, config=config)
+    acc, wacc = piece_sums(pieces, idx_ref, w_ref, src_ref, config=config, mean=mean)
     final = acc
     if mean:
         final = jnp.where(wacc[:, None] != 0, acc / jnp.where(wacc == 0, _F1, wacc)[:, None], _F0)
     # Masked stores go through full integer indexers with a distinct target per lane
     # (masked lanes point past the end): interpret mode implements masked stores as a
     # read-modify-write scatter, where two lanes sharing a target would race.
-    lane_local = lax.broadcasted_iota(jnp.int32, (g,), 0)
-    to_out = valid & ~long
+    lane_local = lax.broadcasted_iota(jnp.int32, (config.lanes,), 0)
+    segc = pieces.segc
+    to_out = pieces.valid & ~pieces.long
     if skip_empty:
-        to_out = to_out & (n > 0)
+        to_out = to_out & (pieces.n > 0)
     dst = out_rows_ref[segc] if has_out_rows else segc
     _store_rows(out_ref, jnp.where(to_out, dst, out_ref.shape[0] + lane_local), final.astype(out_ref.dtype),
                 to_out)
-    to_part = valid & long
-    slot = jnp.where(to_part, xo + j, x_cap + lane_local)
-    _store_rows(part_ref, slot, acc, to_part)
+    slot, to_part = store_partials(part_ref, pieces, acc, num_slots)
     if mean:
         plgpu.store(pw_ref.at[slot], wacc, mask=to_part)
 
@@ -281,14 +313,10 @@ def _store_rows(ref, rows, val, mask):
     plgpu.store(ref.at[r, jnp.minimum(c, d - 1)], val, mask=live)
 
 
-def _combine_kernel(*refs, num_seg, num_slots, config, mean, has_out_rows):
-    it = iter(refs)
-    splits_ref, slot_seg_ref, xoff_ref, part_ref = next(it), next(it), next(it), next(it)
-    pw_ref = next(it) if mean else None
-    out_rows_ref = next(it) if has_out_rows else None
-    _out_in = next(it)  # aliased with out_ref
-    out_ref = next(it)
-
+def combine_sum(splits_ref, slot_seg_ref, xoff_ref, part_ref, pw_ref, *, num_seg, config):
+    """(acc [Dp] float32, wacc, segc, lead) of this program's slot x: where x is the first
+    slot of a long segment (lead), the sum of that segment's partial rows in slot order
+    (and of its partial weights with pw_ref); zeros elsewhere."""
     k2, big_l = config.combine_rows, config.piece
     x = pl.program_id(0)
     seg = slot_seg_ref[x]
@@ -314,11 +342,26 @@ def _combine_kernel(*refs, num_seg, num_slots, config, mean, has_out_rows):
         m2 = jnp.broadcast_to(m[:, None], (k2, d))
         rows = plgpu.load(part_ref.at[r2, cols], mask=m2, other=_F0)             # [K2, D]
         acc = acc + jnp.sum(rows, axis=0)
-        if mean:
+        if pw_ref is not None:
             wacc = wacc + jnp.sum(plgpu.load(pw_ref.at[rowi], mask=m, other=_F0))
         return acc, wacc
 
     acc, wacc = lax.fori_loop(0, steps, body, (jnp.zeros((d,), jnp.float32), jnp.float32(0)))
+    return acc, wacc, segc, lead
+
+
+def _combine_kernel(*refs, num_seg, num_slots, config, mean, has_out_rows):
+    del num_slots
+    it = iter(refs)
+    splits_ref, slot_seg_ref, xoff_ref, part_ref = next(it), next(it), next(it), next(it)
+    pw_ref = next(it) if mean else None
+    out_rows_ref = next(it) if has_out_rows else None
+    _out_in = next(it)  # aliased with out_ref
+    out_ref = next(it)
+
+    acc, wacc, segc, lead = combine_sum(splits_ref, slot_seg_ref, xoff_ref, part_ref, pw_ref, num_seg=num_seg,
+                                        config=config)
+    d = part_ref.shape[1]
     if mean:
         acc = jnp.where(wacc != 0, acc / jnp.where(wacc == 0, _F1, wacc), _F0)
 
@@ -331,7 +374,7 @@ def _combine_kernel(*refs, num_seg, num_slots, config, mean, has_out_rows):
         _store_rows(out_ref, jnp.reshape(dst, (1,)), acc[None].astype(out_ref.dtype), jnp.reshape(lead, (1,)))
 
 
-def _plan(splits: jax.Array, num_items: int, piece: int):
+def plan(splits: jax.Array, num_items: int, piece: int):
     """(slot_seg [X], xoff [S], X): the slots of long segments (more than `piece` items).
 
     A long segment s with np pieces owns slots xoff[s] .. xoff[s] + np - 1 (exclusive
@@ -357,7 +400,7 @@ def _segment_gather_sum_pallas(src, splits, idx, weights, out_rows=None, out=Non
     s = splits.shape[0] - 1
     c = src.shape[0] if idx is None else idx.shape[0]
     d = src.shape[1]
-    slot_seg, xoff, x_cap = _plan(splits, c, config.piece)
+    slot_seg, xoff, x_cap = plan(splits, c, config.piece)
     has_idx, has_w = idx is not None, weights is not None
     has_out_rows, has_out = out_rows is not None, out is not None
     m = out.shape[0] if has_out else (num_out if num_out is not None else s)

@@ -49,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import dispatch
+from pallas_kernels import embedding_bag as eb
 
 Slots = dict[str, jax.Array]
 RowUpdate = Callable[..., tuple[jax.Array, Slots]]
@@ -59,6 +60,36 @@ class Config(NamedTuple):
 
     lanes: int = 32     # rows per program (power of 2)
     num_warps: int = 4
+
+
+class SegmentGrads(NamedTuple):
+    """Row gradients given as segment sums, not yet materialised:
+
+        row_grads[u] = sum_{i in [splits[u], splits[u+1]), idx[i] >= 0} weights[i] * src[idx[i]]
+
+    in float32 ([U, dim]; an empty segment is a zero gradient). The backward of pooling
+    onto unique rows has this form (src: the pooled bags' gradient, idx: each lookup
+    lane's bag in unique-row order); `sparse_update` takes it as `row_grads` and sums
+    each row's gradient where it updates the row, so the [U, dim] gradient never goes
+    through device memory.
+
+    src [R_src, dim] float; splits [U + 1] int32, non-decreasing; idx [C] int32 (-1: no
+    row); weights [C] float32 or None (1).
+    """
+
+    src: jax.Array
+    splits: jax.Array
+    idx: jax.Array
+    weights: jax.Array | None = None
+
+    def materialize(self, impl: str | None = None) -> jax.Array:
+        """The [U, dim] float32 gradients (`embedding_bag.segment_gather_sum`)."""
+        return eb.segment_gather_sum(self.src, self.splits, self.idx, self.weights, impl=impl, dtype=jnp.float32)
+
+
+def as_array(row_grads, impl: str | None = None) -> jax.Array:
+    """row_grads as a [U, dim] array (SegmentGrads materialised)."""
+    return row_grads.materialize(impl) if isinstance(row_grads, SegmentGrads) else row_grads
 
 
 def default_config(dim: int) -> Config:
@@ -106,9 +137,10 @@ def sparse_update_reference(row_update: RowUpdate, embedding: jax.Array, slots: 
                             rows: jax.Array, row_grads: jax.Array, mask: jax.Array,
                             lr: jax.Array, t: jax.Array, *, clip_norm: float | None = None,
                             count_nonfinite: bool = False):
-    """XLA reference of `sparse_update` (gather, math, scatter per array)."""
+    """XLA reference of `sparse_update` (gather, math, scatter per array; SegmentGrads
+    materialised first)."""
     num_rows = embedding.shape[0]
-    g = row_grads.astype(jnp.float32)  # [U, dim]
+    g = as_array(row_grads, "reference").astype(jnp.float32)  # [U, dim]
     finite = jnp.all(jnp.isfinite(g), axis=-1)  # [U]
     index = row_index(rows, mask & finite, num_rows)  # [U]
     if clip_norm is not None:
@@ -136,39 +168,56 @@ def _store(ref, target, val, mask):
     plgpu.store(ref.at[r, c], val, mask=jnp.broadcast_to(mask[:, None], (g, d)))
 
 
-def _update_kernel(*refs, row_update, names, per_row, clip_norm, num_rows, num_lanes, g):
-    n = len(names)
-    rows_ref, mask_ref, grad_ref, lr_ref, t_ref, emb_in = refs[:6]
-    slot_in = refs[6:6 + n]
-    emb_out = refs[6 + n]
-    slot_out = refs[7 + n:7 + 2 * n]
-    skipped_out = refs[7 + 2 * n]  # [U] int8: live lanes skipped for a non-finite gradient
+def _load_rows(ref, rows, mask):
+    """ref[rows[i], :] where mask[i], zeros elsewhere ([G, D]; masked lanes move no data)."""
+    g, d = rows.shape[0], ref.shape[1]
+    r = jnp.broadcast_to(rows[:, None], (g, d))
+    c = lax.broadcasted_iota(jnp.int32, (g, d), 1)
+    return plgpu.load(ref.at[r, c], mask=jnp.broadcast_to(mask[:, None], (g, d)), other=jnp.zeros((), ref.dtype))
 
-    local = lax.broadcasted_iota(jnp.int32, (g,), 0)
-    lane = pl.program_id(0) * g + local                                          # [G]
-    lane_ok = lane < num_lanes
-    lc = jnp.where(lane_ok, lane, 0)
-    r = rows_ref[lc]
-    grad = grad_ref[lc, :].astype(jnp.float32)                                    # [G, D]
+
+def _apply_rows(grad, r, live, lr, t, emb_in, slot_in, emb_out, slot_out, *, row_update, per_row, clip_norm,
+                num_rows):
+    """Updates the rows r [G] of the lanes `live` [G] with their gradients grad [G, D]
+    (float32, zeros on dead lanes) in place; returns the live lanes skipped for a
+    non-finite gradient [G] bool."""
     bad = jnp.sum((~jnp.isfinite(grad)).astype(jnp.int32), axis=1, dtype=jnp.int32)   # [G]
-    live = lane_ok & (mask_ref[lc] != 0)
     valid = live & (bad == 0) & (r >= 0) & (r < num_rows)
-    # Lanes past the end store to distinct out-of-range indices (masked).
-    plgpu.store(skipped_out.at[lane], (live & (bad > 0)).astype(jnp.int8), mask=lane_ok)
     rc = jnp.where(valid, r, 0)
     if clip_norm is not None:
         grad = clip_rows(grad, clip_norm)
-    p = emb_in[rc, :].astype(jnp.float32)                                         # [G, D]
+    p = _load_rows(emb_in, rc, valid).astype(jnp.float32)                          # [G, D]
     srows = {}
-    for name, ref, pr in zip(names, slot_in, per_row):
-        srows[name] = ref[rc] if pr else ref[rc, :]
-    lr = lr_ref[0]
-    t = t_ref[0]
+    for (name, ref), pr in zip(slot_in.items(), per_row):
+        srows[name] = plgpu.load(ref.at[rc], mask=valid, other=np.float32(0)) if pr else _load_rows(ref, rc, valid)
     p, srows = row_update(p, srows, grad, lr, t)
+    local = lax.broadcasted_iota(jnp.int32, r.shape, 0)
     target = jnp.where(valid, rc, num_rows + local)   # distinct; masked ones out of range
     _store(emb_out, target, p.astype(emb_out.dtype), valid)
-    for name, ref in zip(names, slot_out):
+    for name, ref in slot_out.items():
         _store(ref, target, srows[name].astype(ref.dtype), valid)
+    return live & (bad > 0)
+
+
+def _update_kernel(*refs, row_update, names, per_row, clip_norm, num_rows, num_lanes, g):
+    n = len(names)
+    rows_ref, mask_ref, grad_ref, lr_ref, t_ref, emb_in = refs[:6]
+    slot_in = dict(zip(names, refs[6:6 + n]))
+    emb_out = refs[6 + n]
+    slot_out = dict(zip(names, refs[7 + n:7 + 2 * n]))
+    skipped_out = refs[7 + 2 * n]  # [U] int8: live lanes skipped for a non-finite gradient
+
+    lane = pl.program_id(0) * g + lax.broadcasted_iota(jnp.int32, (g,), 0)        # [G]
+    lane_ok = lane < num_lanes
+    lc = jnp.where(lane_ok, lane, 0)
+    live = lane_ok & (mask_ref[lc] != 0)
+    # Masked loads: a dead lane (padding: about half the lanes of a uniform-ID lookup)
+    # moves no gradient bytes.
+    grad = _load_rows(grad_ref, lc, live).astype(jnp.float32)                      # [G, D]
+    skipped = _apply_rows(grad, rows_ref[lc], live, lr_ref[0], t_ref[0], emb_in, slot_in, emb_out, slot_out,
+                          row_update=row_update, per_row=per_row, clip_norm=clip_norm, num_rows=num_rows)
+    # Lanes past the end store to distinct out-of-range indices (masked).
+    plgpu.store(skipped_out.at[lane], skipped.astype(jnp.int8), mask=lane_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("row_update", "clip_norm", "config", "interpret"))
@@ -199,6 +248,107 @@ def _sparse_update_pallas(embedding, slots, rows, row_grads, mask, lr, t, *, row
     return outs[0], dict(zip(names, outs[1:-1])), jnp.sum(outs[-1], dtype=jnp.int32)
 
 
+def _segment_update_kernel(*refs, row_update, names, per_row, clip_norm, num_rows, num_seg, num_slots, config,
+                           has_w):
+    """embedding_bag's piece kernel over the row gradients' segments: a row whose
+    segment is one piece is updated here with its sum; longer ones leave partials."""
+    it = iter(refs)
+    splits_ref, slot_seg_ref, xoff_ref, idx_ref = next(it), next(it), next(it), next(it)
+    w_ref = next(it) if has_w else None
+    src_ref, rows_ref, mask_ref, lr_ref, t_ref, emb_in = (next(it) for _ in range(6))
+    slot_in = {name: next(it) for name in names}
+    emb_out = next(it)
+    slot_out = {name: next(it) for name in names}
+    skipped_out, part_ref = next(it), next(it)
+
+    pieces = eb.piece_lanes(splits_ref, slot_seg_ref, xoff_ref, num_seg=num_seg, num_slots=num_slots, config=config)
+    acc, _ = eb.piece_sums(pieces, idx_ref, w_ref, src_ref, config=config, mean=False)
+    segc = pieces.segc
+    short = pieces.valid & ~pieces.long
+    live = short & (mask_ref[segc] != 0)
+    skipped = _apply_rows(acc, rows_ref[segc], live, lr_ref[0], t_ref[0], emb_in, slot_in, emb_out, slot_out,
+                          row_update=row_update, per_row=per_row, clip_norm=clip_norm, num_rows=num_rows)
+    local = lax.broadcasted_iota(jnp.int32, (config.lanes,), 0)
+    plgpu.store(skipped_out.at[jnp.where(short, segc, num_seg + local)], skipped.astype(jnp.int8), mask=short)
+    eb.store_partials(part_ref, pieces, acc, num_slots)
+
+
+def _segment_update_combine_kernel(*refs, row_update, names, per_row, clip_norm, num_rows, num_seg, config):
+    """One program per slot: the first slot of a long segment sums the segment's partial
+    rows and updates its row."""
+    n = len(names)
+    splits_ref, slot_seg_ref, xoff_ref, part_ref, rows_ref, mask_ref, lr_ref, t_ref, emb_in = refs[:9]
+    slot_in = dict(zip(names, refs[9:9 + n]))
+    # refs[9 + n]: the skipped flags, aliased with skipped_out
+    emb_out = refs[10 + n]
+    slot_out = dict(zip(names, refs[11 + n:11 + 2 * n]))
+    skipped_out = refs[11 + 2 * n]
+
+    acc, _, segc, lead = eb.combine_sum(splits_ref, slot_seg_ref, xoff_ref, part_ref, None, num_seg=num_seg,
+                                        config=config)
+    lead1 = jnp.reshape(lead, (1,))
+    live = lead1 & (jnp.reshape(mask_ref[segc], (1,)) != 0)
+    skipped = _apply_rows(acc[None], jnp.reshape(rows_ref[segc], (1,)), live, lr_ref[0], t_ref[0], emb_in, slot_in,
+                          emb_out, slot_out, row_update=row_update, per_row=per_row, clip_norm=clip_norm,
+                          num_rows=num_rows)
+    plgpu.store(skipped_out.at[jnp.where(lead1, jnp.reshape(segc, (1,)), num_seg)], skipped.astype(jnp.int8),
+                mask=lead1)
+
+
+@functools.partial(jax.jit, static_argnames=("row_update", "clip_norm", "config", "interpret"))
+def _segment_update_pallas(embedding, slots, rows, seg, mask, lr, t, *, row_update, clip_norm, config, interpret):
+    names = tuple(slots)
+    n = len(names)
+    u = rows.shape[0]
+    c = seg.idx.shape[0]
+    splits = jnp.clip(seg.splits.astype(jnp.int32), 0, c)
+    slot_seg, xoff, x_cap = eb.plan(splits, c, config.piece)
+    has_w = seg.weights is not None
+    lr = jnp.reshape(lr, (1,)).astype(jnp.float32)
+    t = jnp.reshape(t, (1,)).astype(jnp.int32)
+    rows, mask = rows.astype(jnp.int32), mask.astype(jnp.int32)
+    tables = [embedding] + [slots[k] for k in names]
+    table_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tables]
+    kw = dict(row_update=row_update, names=names, per_row=tuple(slots[k].ndim == 1 for k in names),
+              clip_norm=clip_norm, num_rows=embedding.shape[0], num_seg=u, config=config)
+    inputs = ([splits, slot_seg, xoff, seg.idx.astype(jnp.int32)]
+              + ([seg.weights.astype(jnp.float32)] if has_w else []) + [seg.src, rows, mask, lr, t] + tables)
+    first = len(inputs) - len(tables)
+    outs = pl.pallas_call(
+        functools.partial(_segment_update_kernel, num_slots=x_cap, has_w=has_w, **kw),
+        out_shape=table_shapes + [jax.ShapeDtypeStruct((u,), jnp.int8),
+                                  jax.ShapeDtypeStruct((x_cap, embedding.shape[1]), jnp.float32)],
+        grid=(pl.cdiv(u + x_cap, config.lanes),),
+        input_output_aliases={first + i: i for i in range(len(tables))},
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps),
+        interpret=interpret,
+        name="segment_update_pieces",
+    )(*inputs)
+    tables, skipped, part = list(outs[:1 + n]), outs[1 + n], outs[2 + n]
+    outs = pl.pallas_call(
+        functools.partial(_segment_update_combine_kernel, **kw),
+        out_shape=table_shapes + [jax.ShapeDtypeStruct((u,), jnp.int8)],
+        grid=(x_cap,),
+        input_output_aliases={8 + i: i for i in range(2 + n)},
+        compiler_params=plgpu.CompilerParams(num_warps=min(config.num_warps, 4)),
+        interpret=interpret,
+        name="segment_update_combine",
+    )(splits, slot_seg, xoff, part, rows, mask, lr, t, *tables, skipped)
+    return outs[0], dict(zip(names, outs[1:1 + n])), jnp.sum(outs[-1], dtype=jnp.int32)
+
+
+def segment_config(dim: int, avg_items: float) -> eb.Config:
+    """The fused update's launch configuration: embedding_bag's for the segments
+    (`eb.default_config`) in small programs, at most 512 elements per [G, K, dim] tile
+    and 2 warps. Latency bound (a chain of dependent loads per lane: its range, items,
+    bag rows, then the table row), it runs fastest with many small programs: the
+    DLRM-dcnv2 backward + row-wise Adagrad (14M lanes, dim 128) on an H200 took 4.39 ms
+    at 4 lanes x 2 warps, 4.72 ms at 4 x 1, 5.10 ms at 16 x 4, 6.59 ms at 64 x 4, and
+    7.12 ms as two passes (benchmarks/pooling_dcnv2.py --update-only)."""
+    cfg = eb.default_config(dim, avg_items)
+    return cfg._replace(lanes=max(1, min(cfg.lanes, 512 // (cfg.rows * dim))), num_warps=2)
+
+
 def _is_pow2(v: int) -> bool:
     return v >= 1 and (v & (v - 1)) == 0
 
@@ -207,15 +357,30 @@ def sparse_update_pallas(row_update: RowUpdate, embedding, slots, rows, row_grad
                          clip_norm: float | None = None, count_nonfinite: bool = False,
                          interpret: bool = False, config: Config | None = None):
     """The Pallas path of `sparse_update`. Falls back to the reference for a dim that is
-    not a power of 2, float64 storage, more than 2**31 - 1 rows, or no lanes."""
+    not a power of 2, float64 storage, more than 2**31 - 1 rows, or no lanes (with
+    SegmentGrads summed by `segment_gather_sum`'s kernel first)."""
     r, d = embedding.shape
     u = rows.shape[0]
     ok = (_is_pow2(d) and u > 0 and r > 0 and r + u < 2**31
           and embedding.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
           and all(v.dtype == jnp.float32 and v.shape[0] == r for v in slots.values()))
-    if not ok:
-        return sparse_update_reference(row_update, embedding, slots, rows, row_grads, mask, lr, t,
+    if not ok:  # (SegmentGrads summed by the segment kernel first)
+        return sparse_update_reference(row_update, embedding, slots, rows,
+                                       as_array(row_grads, "interpret" if interpret else "pallas"), mask, lr, t,
                                        clip_norm=clip_norm, count_nonfinite=count_nonfinite)
+    if isinstance(row_grads, SegmentGrads):
+        sg = row_grads
+        if sg.splits.shape != (u + 1,) or sg.src.ndim != 2 or sg.src.shape[1] != d:
+            raise ValueError(f"SegmentGrads for {u} rows of dim {d}: splits must be [{u + 1}] and src [R, {d}], "
+                             f"got {sg.splits.shape} and {sg.src.shape}")
+        if sg.idx.shape[0] == 0 or sg.src.shape[0] == 0 or sg.src.dtype == jnp.float64:
+            return sparse_update_reference(row_update, embedding, slots, rows, row_grads, mask, lr, t,
+                                           clip_norm=clip_norm, count_nonfinite=count_nonfinite)
+        emb, slots, nonfinite = _segment_update_pallas(
+            embedding, dict(slots), rows, sg, mask, jnp.asarray(lr, jnp.float32), jnp.asarray(t, jnp.int32),
+            row_update=row_update, clip_norm=clip_norm, interpret=interpret,
+            config=segment_config(d, sg.idx.shape[0] / u))
+        return (emb, slots, nonfinite) if count_nonfinite else (emb, slots)
     cfg = config if config is not None else default_config(d)
     emb, slots, nonfinite = _sparse_update_pallas(
         embedding, dict(slots), rows, row_grads, mask, jnp.asarray(lr, jnp.float32),
@@ -236,7 +401,9 @@ def sparse_update(row_update: RowUpdate, embedding: jax.Array, slots: Slots, row
       embedding: [R, dim] float32 / bfloat16 (donate it for an in-place update).
       slots: {name: [R, dim] or [R] float32} (donate them too).
       rows: [U] int row ids, unique among live lanes.
-      row_grads: [U, dim] summed gradient per row.
+      row_grads: [U, dim] summed gradient per row, or a SegmentGrads that gives them
+        as segment sums: the kernel then sums each row's gradient where it updates
+        the row (one pass instead of a [U, dim] gradient written and read again).
       mask: [U] bool, False lanes are neither read nor written.
       lr: float32 scalar learning rate; t: int32 scalar step (after its increment).
       clip_norm: per-row gradient clipping, or None.

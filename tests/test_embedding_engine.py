@@ -205,6 +205,44 @@ def test_pool_vjp_reads_the_tables_and_matches_pool(monkeypatch, impl, dtype):
 
 
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_segment_grads_update_like_materialized_ones(monkeypatch, impl):
+    """pool_vjp(segments=True): the sum/mean tables' gradients as SegmentGrads, which the
+    sparse optimizer sums where it updates each row (the fused kernel), give the tables
+    the materialised gradients give (weighted mean, a shared table with a sequence, tile;
+    Adam and row-wise Adagrad), and the same touched / nonfinite counts."""
+    from pallas_kernels import dispatch
+    from pallas_kernels.sparse_update import SegmentGrads
+    from recis_jax.optim import rowwise_adagrad
+
+    monkeypatch.setenv(dispatch.ENV_VAR, impl)
+    eng = EmbeddingEngine({**OPTIONS, "c": EmbeddingOption(8, combiner="sum")}, merge=False)
+    feats = jax.device_put({**batch(5), "c": random_ragged(6, VOCAB, 40, 256)})
+    for opt in (sparse_adam(0.05), rowwise_adagrad(0.1)):
+        state = eng.init(opt)
+        state, lk = jax.jit(eng.lookup)(state, feats)
+        g_out = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape))
+                             if x.dtype == jnp.float32 else np.zeros(x.shape, jax.dtypes.float0),
+                             eng.pool(lk.rows, lk, feats))
+
+        def run(state, lk, segments):
+            _, vjp = eng.pool_vjp(state, lk, feats, segments=segments)
+            (g,) = vjp(g_out)
+            kinds = {p: isinstance(x, SegmentGrads) for p, x in g.items()}
+            state, stats = eng.apply_gradients(state, lk, g, opt)
+            return state, stats, kinds
+
+        fused, fused_stats, kinds = jax.jit(run, static_argnums=2)(state, lk, True)
+        plain, plain_stats, plain_kinds = jax.jit(run, static_argnums=2)(state, lk, False)
+        assert sum(kinds.values()) == 2 and not any(plain_kinds.values())  # "b" (mean) and "c" (sum)
+        assert jax.tree.map(int, fused_stats) == jax.tree.map(int, plain_stats)
+        for p in fused:
+            a, b = fused[p].table, plain[p].table
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7),
+                         (a.embedding, a.slots), (b.embedding, b.slots))
+        assert not np.array_equal(np.asarray(fused["c"].table.embedding), np.asarray(state["c"].table.embedding))
+
+
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
 def test_pool_in_bfloat16_is_the_float32_pool_rounded(monkeypatch, impl):
     """pool / pool_vjp with dtype=bfloat16 (what a bfloat16 DCNv2 reads) == the float32
     pool cast to bfloat16, bit for bit, and its row gradients == the float32 path's for

@@ -141,6 +141,95 @@ class TestFusedUpdate:
         assert_close(got, want)
 
 
+def random_segments(rng, dim, src_dtype, weighted, num_live=30):
+    """SegmentGrads over U lanes (rows, mask as random_step's): segment lengths 0, 1, 2,
+    a few tens, and long ones spread over several pieces (65, 300, and 2500 items: more
+    than 32 partial rows); items pointing nowhere (-1); a NaN source row used by exactly
+    one live segment, an inf one by one padding segment."""
+    rows, _, mask = random_step(rng, dim, num_live)
+    lengths = rng.choice([0, 1, 1, 2, 3, 17], U)
+    live = np.flatnonzero(mask)
+    lengths[live[:3]] = (65, 300, 2500)
+    lengths[live[3]] = 0                          # a live row without items: a zero gradient
+    lengths[np.flatnonzero(~mask)[:2]] = 0        # padding
+    splits = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    c = int(splits[-1])
+    n_src = 50
+    idx = rng.integers(0, n_src, c).astype(np.int32)
+    idx[rng.random(c) < 0.1] = -1
+    src = rng.normal(0.0, 1.0, (n_src, dim)).astype(np.float32)
+    src[n_src - 1] = np.nan
+    src[n_src - 2] = np.inf
+    idx[idx >= n_src - 2] = 0
+    seg_of = np.repeat(np.arange(U), lengths)
+    nan_lane = live[4] if lengths[live[4]] else live[5]
+    idx[splits[nan_lane]] = n_src - 1
+    pad = np.flatnonzero(~mask & (lengths > 0))
+    if len(pad):
+        idx[splits[pad[0]]] = n_src - 2
+    w = rng.normal(1.0, 0.5, c).astype(np.float32) if weighted else None
+    assert len(seg_of) == c
+    sg = su.SegmentGrads(jnp.asarray(src, src_dtype), jnp.asarray(splits), jnp.asarray(idx),
+                         None if w is None else jnp.asarray(w))
+    return rows, sg, mask
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+class TestSegmentGradsUpdate:
+    """sparse_update with SegmentGrads (the fused backward-and-update) == the update on
+    the materialised gradients."""
+
+    @pytest.mark.parametrize("name,dim,src_dtype,weighted", [
+        ("rowwise_adagrad", 128, jnp.bfloat16, False), ("rowwise_adagrad", 8, jnp.float32, True),
+        ("adam", 16, jnp.float32, False), ("adagrad", 8, jnp.bfloat16, True), ("sgd", 4, jnp.float32, False)])
+    def test_matches_materialized(self, impl, name, dim, src_dtype, weighted):
+        rng = np.random.default_rng(dim + len(name))
+        opt = optim.make(name, **CASES[name])
+        emb, slots = random_state(rng, opt, dim=dim)
+        rows, sg, mask = random_segments(rng, dim, src_dtype, weighted)
+        dense = sg.materialize("reference")
+        want = opt.apply(emb, slots, rows, dense, mask, jnp.int32(3), impl="reference", count_nonfinite=True)
+        got = opt.apply(emb, slots, rows, sg, mask, jnp.int32(3), impl=impl, count_nonfinite=True)
+        assert int(got[2]) == int(want[2]) == 1
+        assert_close(got[:2], want[:2], rtol=1e-5, atol=1e-5)
+        # The same sums in the same order as the two-pass kernel path (the row math may
+        # round differently in another kernel: XLA / Triton contract and vectorise it).
+        two_pass = opt.apply(emb, slots, rows, sg.materialize(impl), mask, jnp.int32(3), impl=impl)
+        assert_close(got[:2], two_pass, rtol=1e-6, atol=1e-6)
+        # Rows of dead lanes, skipped lanes and other rows are bitwise unchanged.
+        g = np.asarray(dense)
+        live = {int(r) for r, m, gr in zip(rows, mask, g) if m and 0 <= r < R and np.all(np.isfinite(gr))}
+        untouched = np.array(sorted(set(range(R)) - live))
+        np.testing.assert_array_equal(np.asarray(got[0])[untouched], np.asarray(emb)[untouched])
+
+    def test_clip_and_bfloat16_storage_donated(self, impl):
+        rng = np.random.default_rng(11)
+        opt = optim.make("rowwise_adagrad", **CASES["rowwise_adagrad"], clip_norm=0.5)
+        emb, slots = random_state(rng, opt, jnp.bfloat16, dim=32)
+        rows, sg, mask = random_segments(rng, 32, jnp.bfloat16, True)
+        want = opt.apply(emb, slots, rows, sg.materialize("reference"), mask, jnp.int32(2), impl="reference")
+        step = jax.jit(lambda e, s: opt.apply(e, s, rows, sg, mask, jnp.int32(2), impl=impl), donate_argnums=(0, 1))
+        got = step(emb, slots)
+        assert got[0].dtype == jnp.bfloat16 and emb.is_deleted()
+        assert_close(got, want, rtol=1e-2, atol=1e-2)
+        assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+    def test_non_pow2_dim_sums_then_updates(self, impl):
+        rng = np.random.default_rng(12)
+        opt = optim.make("adam", **CASES["adam"])
+        emb, slots = random_state(rng, opt, dim=9)
+        rows, sg, mask = random_segments(rng, 9, jnp.float32, False)
+        want = opt.apply(emb, slots, rows, sg.materialize("reference"), mask, jnp.int32(1), impl="reference")
+        assert_close(opt.apply(emb, slots, rows, sg, mask, jnp.int32(1), impl=impl), want, rtol=1e-5, atol=1e-5)
+
+    def test_bad_shapes_name_the_arrays(self, impl):
+        opt = optim.make("sgd", **CASES["sgd"])
+        emb, slots = random_state(np.random.default_rng(0), opt)
+        sg = su.SegmentGrads(jnp.zeros((4, DIM)), jnp.zeros(U, jnp.int32), jnp.zeros(3, jnp.int32))
+        with pytest.raises(ValueError, match="splits must be"):
+            opt.apply(emb, slots, jnp.zeros(U, jnp.int32), sg, jnp.ones(U, bool), jnp.int32(1), impl=impl)
+
+
 def test_non_pow2_dim_and_empty_fall_back():
     rng = np.random.default_rng(7)
     opt = optim.make("adam", **CASES["adam"])
@@ -185,3 +274,18 @@ def test_compiled_update_past_int32_element_offsets():
                               jnp.ones(4, bool), jnp.float32(0.5), jnp.int32(1), impl="pallas")
     np.testing.assert_array_equal(np.asarray(out[rows]), -0.5)
     assert float(jnp.sum(out)) == -0.5 * 4 * d
+
+
+@pytest.mark.skipif(not ON_GPU, reason="compiled kernel on a > 2**31-element table: GPU only")
+def test_compiled_segment_update_past_int32_element_offsets():
+    """The fused backward-and-update on a DLRM-sized merged table (17M rows x 128): rows
+    past row 16,777,216 get their segment sums, nothing else is touched."""
+    r, d = 17_000_000, 128
+    rows = jnp.asarray([5, 10_000_000, 16_777_300, 16_999_999], jnp.int32)
+    # Row i's segment: items 0..i (1, 2, 3, 4 items), each src row 0 (ones).
+    sg = su.SegmentGrads(jnp.ones((1, d), jnp.bfloat16), jnp.asarray([0, 1, 3, 6, 10], jnp.int32),
+                         jnp.zeros(10, jnp.int32))
+    out, _ = su.sparse_update(_sgd, jnp.zeros((r, d), jnp.float32), {}, rows, sg, jnp.ones(4, bool),
+                              jnp.float32(0.5), jnp.int32(1), impl="pallas")
+    np.testing.assert_array_equal(np.asarray(out[rows][:, 0]), [-0.5, -1.0, -1.5, -2.0])
+    assert float(jnp.sum(out)) == -0.5 * 10 * d

@@ -26,7 +26,8 @@ class Unique(NamedTuple):
     inverse int32 [N]: for each input lane its unique index (0 for invalid lanes);
     order int32 [N]: input lanes sorted by key, valid first (for the backward pass);
     sorted_segment int32 [N]: unique index of order's lanes (N for invalid ones);
-    num_unique int32 scalar.
+    num_unique int32 scalar; splits int32 [N + 1]: unique key u's lanes are
+    order[splits[u] : splits[u+1]] (empty past num_unique; counts is its difference).
     """
 
     tables: jax.Array
@@ -37,6 +38,7 @@ class Unique(NamedTuple):
     order: jax.Array
     sorted_segment: jax.Array
     num_unique: jax.Array
+    splits: jax.Array
 
 
 def unique_keys(tables: jax.Array, keys: jax.Array, valid: jax.Array) -> Unique:
@@ -59,10 +61,14 @@ def unique_keys(tables: jax.Array, keys: jax.Array, valid: jax.Array) -> Unique:
     tgt = jnp.where(first, seg, n)
     u_t = jnp.zeros(n, jnp.int32).at[tgt].set(s_t, mode="drop")
     u_k = jnp.zeros(n, jnp.int64).at[tgt].set(s_k, mode="drop")
-    counts = jnp.zeros(n, jnp.int32).at[seg].add(1, mode="drop")
+    # Each key's first sorted position; the counts are their differences (a scatter-add
+    # of ones over the sorted lanes took 0.46 ms at 14M lanes on an H200).
+    splits = jnp.full(n + 1, jnp.sum(s_valid, dtype=jnp.int32), jnp.int32).at[jnp.where(first, seg, n + 1)].set(
+        lane, mode="drop", unique_indices=True)
+    counts = splits[1:] - splits[:-1]
     num_unique = jnp.sum(first, dtype=jnp.int32)
     inverse = jnp.zeros(n, jnp.int32).at[order].set(jnp.where(s_valid, seg, 0))
-    return Unique(u_t, u_k, lane < num_unique, counts, inverse, order, seg, num_unique)
+    return Unique(u_t, u_k, lane < num_unique, counts, inverse, order, seg, num_unique, splits)
 
 
 def sorted_segment_sum(data: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:

@@ -38,7 +38,8 @@ from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.dedup import Unique, sorted_segment_sum, unique_keys
 from recis_jax.embedding.eviction import EvictionPolicy, maybe_evict
 from recis_jax.embedding.initializers import Initializer
-from recis_jax.embedding.pooling import COMBINERS, expand, mean_of_sum, pool, pool_unique
+from pallas_kernels.sparse_update import SegmentGrads
+from recis_jax.embedding.pooling import COMBINERS, expand, materialize, mean_of_sum, pool, pool_unique_segments
 from recis_jax.features.functional import table_id_pairs
 from recis_jax.ragged import Ragged
 
@@ -134,8 +135,9 @@ class TableLookup(NamedTuple):
 
 
 class SparseGrad(NamedTuple):
-    """A table's sparse gradient: rows int32 [K] (unique where mask), grads f32 [K, dim],
-    mask bool [K]. K is the lookup's lane count, or their sum after accumulation."""
+    """A table's sparse gradient: rows int32 [K] (unique where mask), grads f32 [K, dim]
+    (or a SegmentGrads giving them, from `pool_vjp(segments=True)`), mask bool [K]. K is
+    the lookup's lane count, or their sum after accumulation."""
 
     rows: jax.Array
     grads: jax.Array
@@ -151,7 +153,7 @@ def accumulate(a: dict[str, SparseGrad] | None, b: dict[str, SparseGrad]) -> dic
     out = {}
     for p in b:
         rows = jnp.concatenate([a[p].rows, b[p].rows])
-        grads = jnp.concatenate([a[p].grads, b[p].grads])
+        grads = jnp.concatenate([_dense(a[p].grads), _dense(b[p].grads)])
         mask = jnp.concatenate([a[p].mask, b[p].mask])
         u = unique_keys(jnp.zeros_like(rows), rows.astype(jnp.int64), mask)
         summed = sorted_segment_sum(grads[u.order], u.sorted_segment, rows.shape[0])
@@ -284,50 +286,90 @@ class EmbeddingEngine:
         pools round their float32 sums to it once, in the kernel). A table whose
         features all sum or mean pools straight from its unique rows (`pool_unique`);
         others expand to per-occurrence rows first."""
-        return self._pool(rows, lookup, features, None, dtype)
+        dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+        out = {}
+        for pname in self.members:
+            out.update(self._pool_table(pname, rows[pname], lookup, features, dtype))
+        return out
 
-    def pool_vjp(self, state: dict[str, TableState], lookup: Lookup, features: dict[str, Ragged], dtype=None):
+    def pool_vjp(self, state: dict[str, TableState], lookup: Lookup, features: dict[str, Ragged], dtype=None,
+                 segments: bool = False):
         """(pooled, vjp): `jax.vjp(lambda rows: self.pool(rows, lookup, features, dtype),
         lookup.rows)`, where the sum/mean tables (float32 storage) pool straight from the
         table rows: lookup.rows is then only the gradient's point and XLA drops its
-        [N, dim] gather (the same values, so the same results bit for bit). `state` must
-        be the tables `lookup` returned (after its inserts), so the rows read are the rows
-        lookup.rows holds. vjp(g_pooled) -> ({table: [N, dim] float32},), whose rows of
-        lanes past a sum/mean table's num_unique (no occurrence) are unspecified: only
-        the live lanes are used (`sparse_grads` masks the rest)."""
-        return jax.vjp(lambda rows: self._pool(rows, lookup, features, state, dtype), lookup.rows)
-
-    def _pool(self, rows, lookup, features, state, dtype):
+        [N, dim] gather (the same values, so the same results). `state` must be the
+        tables `lookup` returned (after its inserts), so the rows read are the rows
+        lookup.rows holds. vjp(g_pooled) -> ({table: [N, dim] float32},); with
+        `segments`, a sum/mean table's gradient is a `SegmentGrads` instead (the bag
+        gradients and which lanes sum into each row: the sparse optimizer sums them
+        where it updates the rows, and the [N, dim] gradient is never written)."""
         dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+        out, backs = {}, {}
+        for pname in self.members:
+            if self._pools_unique(pname):
+                pooled, back = self._pool_unique_table(pname, lookup.rows[pname], lookup, features, dtype, state)
+            else:
+                pooled, vjp = jax.vjp(lambda r, p=pname: self._pool_table(p, r, lookup, features, dtype),
+                                      lookup.rows[pname])
+                back = lambda g, vjp=vjp: vjp(g)[0]  # noqa: E731
+            out.update(pooled)
+            backs[pname] = (tuple(pooled), back)
+
+        def vjp(g_out):
+            grads = {}
+            for pname, (names, back) in backs.items():
+                g = back({f: g_out[f] for f in names})
+                grads[pname] = g if segments or not isinstance(g, SegmentGrads) else materialize(g)
+            return (grads,)
+
+        return out, vjp
+
+    def _pools_unique(self, pname) -> bool:
+        """Whether the table's features all sum or mean (pooled from its unique rows)."""
+        return all(m.option.combiner in ("sum", "mean") for m in self.members[pname])
+
+    def _pool_table(self, pname, rows, lookup, features, dtype) -> dict:
+        """{feature: pooled output} of one table's features (differentiable in rows)."""
+        if self._pools_unique(pname):
+            return self._pool_unique_table(pname, rows, lookup, features, dtype)[0]
+        u = lookup.tables[pname].unique
+        members = self.members[pname]
+        layouts = [_ragged(features, m.feature) for m in members]
+        occ = expand(rows, u.inverse, u.order, u.sorted_segment)
         out = {}
-        for pname, members in self.members.items():
-            lk = lookup.tables[pname]
-            u = lk.unique
-            layouts = [_ragged(features, m.feature) for m in members]
-            if all(m.option.combiner in ("sum", "mean") for m in members):
-                # Bags straight from the unique rows (no [N, dim] occurrence rows).
-                ws = [r.weights if (m.option.use_weights and r.weights is not None) else None
-                      for m, r in zip(members, layouts)]
-                rowids = [r.value_rowids() for r in layouts]
-                table = None
-                if state is not None and state[pname].table.embedding.dtype == jnp.float32:
-                    table = (state[pname].table.embedding, lk.rows, lk.live)
-                # A mean divides the float32 sum before rounding.
-                sum_dtype = dtype if all(m.option.combiner == "sum" for m in members) else jnp.float32
-                sums = pool_unique(rows[pname], u.inverse, u.order, u.sorted_segment,
-                                   [(r.row_splits, rid, w) for r, rid, w in zip(layouts, rowids, ws)], table,
-                                   skip_padding=state is not None, dtype=sum_dtype)
-                for m, rid, w, s in zip(members, rowids, ws, sums):
-                    out[m.feature] = mean_of_sum(s, rid, w) if m.option.combiner == "mean" else s
-                continue
-            occ = expand(rows[pname], u.inverse, u.order, u.sorted_segment)
-            # lax.split: its transpose is one concatenate (slices would transpose to a sum of pads).
-            for m, r, sl in zip(members, layouts, jax.lax.split(occ, [r.capacity for r in layouts])):
-                w = r.weights if (m.option.use_weights and r.weights is not None) else None
-                out[m.feature] = pool(sl, r.row_splits, r.value_rowids(), w, m.option.combiner, m.option.length)
-        if dtype == jnp.float32:
-            return out
-        return jax.tree.map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, out)
+        # lax.split: its transpose is one concatenate (slices would transpose to a sum of pads).
+        for m, r, sl in zip(members, layouts, jax.lax.split(occ, [r.capacity for r in layouts])):
+            w = r.weights if (m.option.use_weights and r.weights is not None) else None
+            out[m.feature] = jax.tree.map(lambda x: _cast(x, dtype), pool(sl, r.row_splits, r.value_rowids(), w,
+                                                                          m.option.combiner, m.option.length))
+        return out
+
+    def _pool_unique_table(self, pname, rows, lookup, features, dtype, state=None):
+        """(pooled, back) of a sum/mean table: its bags straight from the unique rows (no
+        [N, dim] occurrence rows), differentiable in rows; back(g_pooled) -> SegmentGrads.
+        With `state` (float32 storage), the bags read the table's rows themselves."""
+        lk = lookup.tables[pname]
+        u = lk.unique
+        members = self.members[pname]
+        layouts = [_ragged(features, m.feature) for m in members]
+        ws = [r.weights if (m.option.use_weights and r.weights is not None) else None
+              for m, r in zip(members, layouts)]
+        rowids = [r.value_rowids() for r in layouts]
+        table = None
+        if state is not None and state[pname].table.embedding.dtype == jnp.float32:
+            table = (state[pname].table.embedding, lk.rows, lk.live)
+        # A mean divides the float32 sum before rounding.
+        sum_dtype = dtype if all(m.option.combiner == "sum" for m in members) else jnp.float32
+        sums, segments = pool_unique_segments(rows, u.inverse, u.order, u.splits,
+                                              [(r.row_splits, rid, w) for r, rid, w in zip(layouts, rowids, ws)],
+                                              table, dtype=sum_dtype)
+
+        def finish(sums):
+            return {m.feature: _cast(mean_of_sum(s, rid, w) if m.option.combiner == "mean" else s, dtype)
+                    for m, rid, w, s in zip(members, rowids, ws, sums)}
+
+        pooled, finish_vjp = jax.vjp(finish, sums)
+        return pooled, lambda g: segments(finish_vjp(g)[0])
 
     # -- backward / update --------------------------------------------------------------
     def sparse_grads(self, lookup: Lookup, row_grads: dict[str, jax.Array], skip: jax.Array | None = None
@@ -336,7 +378,7 @@ class EmbeddingEngine:
         already summed over occurrences by the expand backward). skip (bool scalar, and
         any table's overflow) masks everything: the step will be rerun."""
         skip = self.overflow(lookup) if skip is None else (skip | self.overflow(lookup))
-        return {p: SparseGrad(lk.rows, row_grads[p].astype(jnp.float32), lk.live & ~skip)
+        return {p: SparseGrad(lk.rows, _f32(row_grads[p]), lk.live & ~skip)
                 for p, lk in lookup.tables.items() if self._trainable[p]}
 
     def apply_sparse(self, state: dict[str, TableState], grads: dict[str, "SparseGrad"], optimizer,
@@ -388,6 +430,21 @@ class EmbeddingEngine:
 def stream_id(table_name: str) -> int:
     """A stable 31-bit id of a logical table's name: its rows' initializer stream."""
     return zlib.crc32(table_name.encode()) & 0x7FFFFFFF
+
+
+def _dense(g):
+    """A gradient as its [K, dim] array."""
+    return materialize(g) if isinstance(g, SegmentGrads) else g
+
+
+def _f32(g):
+    """A gradient in float32 (SegmentGrads: summed in float32 where they are read)."""
+    return g if isinstance(g, SegmentGrads) else g.astype(jnp.float32)
+
+
+def _cast(x, dtype):
+    """Float32 outputs in `dtype` (sequence masks and other dtypes as they are)."""
+    return x.astype(dtype) if x.dtype == jnp.float32 and dtype != jnp.float32 else x
 
 
 def _ragged(features, name) -> Ragged:

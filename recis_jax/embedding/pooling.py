@@ -24,6 +24,7 @@ import numpy as np
 
 from pallas_kernels import dispatch
 from pallas_kernels import embedding_bag as eb
+from pallas_kernels.sparse_update import SegmentGrads
 from recis_jax.embedding.dedup import sorted_segment_sum
 
 COMBINERS = ("sum", "mean", "tile", "none")
@@ -111,15 +112,15 @@ def _kernel_pool_bwd(impl, res, g):
 _kernel_pool.defvjp(_kernel_pool_fwd, _kernel_pool_bwd)
 
 
-def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, sorted_segment: jax.Array,
+def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, splits: jax.Array,
                 bags: list[tuple[jax.Array, jax.Array, jax.Array | None]],
                 table: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-                skip_padding: bool = False, dtype=jnp.float32) -> list[jax.Array]:
+                dtype=jnp.float32) -> list[jax.Array]:
     """Sum-pools several features' bags straight from their unique rows.
 
     Args:
       unique_rows: [U, dim] float32, the rows of one lookup's unique keys (`Lookup.rows`).
-      inverse, order, sorted_segment: [N] int32 from `dedup.unique_keys` over lanes that
+      inverse, order [N], splits [N + 1]: int32 from `dedup.unique_keys` over lanes that
         are the features' values concatenated in `bags` order.
       bags: per feature (row_splits [B + 1] from 0, rowids [cap] (padding lanes = B),
         weights [cap] float32 or None), the caps summing to N.
@@ -128,10 +129,6 @@ def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, so
         table's rows directly and unique_rows only carries the gradient (its values are
         never read, so XLA drops the [U, dim] gather that made them: 3 ms of a DLRM-dcnv2
         step on an H200). The caller guarantees the identity (`EmbeddingEngine.pool_vjp`).
-      skip_padding: the gradient's rows of unique indices without occurrences (the
-        padding past num_unique) are left unspecified instead of zero, for a caller that
-        masks them (the train step's sparse update): half the gradient's [U, dim] writes
-        for uniform IDs.
       dtype: of the pooled sums, rounded once from float32 (bfloat16 for a model that
         reads them in bfloat16: half the bytes of the pooled array, its model-side cast
         and its gradient; the same numbers as a float32 output cast by the model).
@@ -153,6 +150,25 @@ def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, so
     gradient as it is (feature-major, it concatenated the F gradients: 1.1 ms of the
     DLRM-dcnv2 step on an H200).
     """
+    args = _prepare(unique_rows, inverse, order, splits, bags, table, dtype)
+    return list(_pool_unique(*args))
+
+
+def pool_unique_segments(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, splits: jax.Array,
+                         bags: list[tuple[jax.Array, jax.Array, jax.Array | None]],
+                         table: tuple[jax.Array, jax.Array, jax.Array] | None = None, dtype=jnp.float32):
+    """`pool_unique`'s forward, and its backward as segment sums: (pooled, grads) with
+    `grads(gs) -> SegmentGrads`, the gradient w.r.t. unique_rows for the pooled outputs'
+    gradients gs (per feature [B, dim]) in the form the fused sparse update reads
+    (`pallas_kernels.sparse_update.SegmentGrads`; `.materialize()` gives `pool_unique`'s
+    [U, dim] float32 gradient, weights' gradients aside)."""
+    args = _prepare(unique_rows, inverse, order, splits, bags, table, dtype)
+    layout, _, weights, _, _, _, bag, order, unique_splits = args
+    return list(_pool_unique(*args)), lambda gs: _segments(layout, weights, bag, order, unique_splits, gs)
+
+
+def _prepare(unique_rows, inverse, order, unique_splits, bags, table, dtype):
+    """`_pool_unique`'s arguments: the lanes as consecutive bag segments."""
     starts = tuple(int(v) for v in np.cumsum([0] + [r.shape[0] for _, r, _ in bags]))
     offsets = tuple(int(v) for v in np.cumsum([0] + [sp.shape[0] - 1 for sp, _, _ in bags]))
     nf = len(bags)
@@ -177,8 +193,10 @@ def pool_unique(unique_rows: jax.Array, inverse: jax.Array, order: jax.Array, so
         weights = jnp.concatenate([jnp.ones(r.shape[0], jnp.float32) if w is None else w.astype(jnp.float32)
                                    for _, r, w in bags])
     layout = _Layout(starts, offsets, _config_groups(unique_rows.shape[1], starts, offsets, impl), impl,
-                     unique_rows.shape[0], bag_major, skip_padding, jnp.dtype(dtype))
-    return list(_pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order, sorted_segment))
+                     unique_rows.shape[0], bag_major, jnp.dtype(dtype))
+    return layout, unique_rows, weights, src, src_idx, splits, bag, order, unique_splits
+
+
 
 
 class _Layout(NamedTuple):
@@ -186,7 +204,6 @@ class _Layout(NamedTuple):
     starts[f+1] - 1 and its bags segments offsets[f] .. offsets[f+1] - 1; `groups` are
     tuples of (kernel config, features) pooled by one kernel call each; U unique rows;
     bag_major: the pooled rows are [B, F, dim] (else feature after feature);
-    skip_padding: the backward leaves the rows of unique indices without lanes unwritten;
     dtype: of the pooled rows."""
 
     starts: tuple[int, ...]
@@ -195,7 +212,6 @@ class _Layout(NamedTuple):
     impl: str
     num_unique_rows: int
     bag_major: bool
-    skip_padding: bool
     dtype: jnp.dtype
 
 
@@ -224,7 +240,7 @@ def _group_inputs(layout, feats, splits, idx, weights):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order, sorted_segment):
+def _pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order, unique_splits):
     """Per feature [B_f, dim]: bag s sums weights[i] * src[src_idx[i]] over lanes
     splits[s] .. splits[s+1] - 1, where src[src_idx[i]] is lane i's unique row (src is
     unique_rows, or the table they came from). bag [N]: each lane's row of the pooled
@@ -256,25 +272,35 @@ def _pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order,
     return tuple(out)
 
 
-def _pool_unique_fwd(layout, unique_rows, weights, src, src_idx, splits, bag, order, sorted_segment):
-    out = _pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order, sorted_segment)
-    return out, (weights, src, src_idx, bag, order, sorted_segment)
+def _pool_unique_fwd(layout, unique_rows, weights, src, src_idx, splits, bag, order, unique_splits):
+    out = _pool_unique(layout, unique_rows, weights, src, src_idx, splits, bag, order, unique_splits)
+    return out, (weights, src, src_idx, bag, order, unique_splits)
 
 
-def _pool_unique_bwd(layout, res, gs):
-    weights, src, src_idx, bag, order, sorted_segment = res
+def _segments(layout, weights, bag, order, unique_splits, gs) -> SegmentGrads:
+    """The gradient w.r.t. the unique rows, as segment sums: unique row u's lanes (in
+    unique-row order, order[unique_splits[u] : unique_splits[u+1]]) gather their bag's
+    gradient."""
     # [bags, dim], rows as `bag` numbers them. Sample-major: the stack of slices of the
     # model's [B, F, dim] gradient, which XLA folds back into that array.
     g = jnp.stack(gs, axis=1).reshape(-1, gs[0].shape[-1]) if layout.bag_major else jnp.concatenate(gs)
-    impl = _kernel_impl("expand_bwd") or "reference"
-    # The lanes in unique-row order gather their bag's gradient.
-    splits_u = eb.splits_from_sorted_segment(sorted_segment, layout.num_unique_rows)
-    g_unique = eb.segment_gather_sum(g, splits_u, bag[order], None if weights is None else weights[order], impl=impl,
-                                     skip_empty=layout.skip_padding and impl != "reference", dtype=jnp.float32)
+    return SegmentGrads(g, unique_splits, bag[order], None if weights is None else weights[order])
+
+
+def materialize(seg: SegmentGrads) -> jax.Array:
+    """The [U, dim] float32 gradients of SegmentGrads, with the kernel where the expand
+    backward takes it (KERNEL_OPS)."""
+    return seg.materialize(_kernel_impl("expand_bwd") or "reference")
+
+
+def _pool_unique_bwd(layout, res, gs):
+    weights, src, src_idx, bag, order, unique_splits = res
+    seg = _segments(layout, weights, bag, order, unique_splits, gs)
+    g_unique = materialize(seg)
     dw = None
     if weights is not None:  # d/dw_i = <g[bag_i], row_i>; dead code (removed by XLA) unless weights train
         row = jnp.where((src_idx >= 0)[:, None], src[jnp.maximum(src_idx, 0)].astype(jnp.float32), 0)
-        dw = jnp.sum(g[jnp.maximum(bag, 0)] * row, -1)
+        dw = jnp.sum(seg.src[jnp.maximum(bag, 0)] * row, -1)
     return g_unique, dw, None, None, None, None, None, None
 
 

@@ -198,7 +198,9 @@ def _build(
           embedding: `[R, dim]` float32 or bfloat16 (donate it for an in-place update).
           slots: from `init` (donate them too).
           rows: `[U]` int32 row ids; unique among the lanes where `mask` is True.
-          row_grads: `[U, dim]` summed gradient per row (cast to float32).
+          row_grads: `[U, dim]` summed gradient per row (cast to float32), or a
+            `SegmentGrads` (pallas_kernels.sparse_update) giving them as segment sums,
+            which the fused kernel adds up where it updates each row.
           mask: `[U]` bool; False lanes are neither read nor written.
           step: int32 scalar, the table's step counter after its increment (t >= 1);
             used for the bias correction.

@@ -99,8 +99,10 @@ def make_train_step(task: Task, engine: EmbeddingEngine, features, dense_tx: opt
     def micro(params, tables, batch, step):
         tables, lk, feats, labels, weights = _forward(task, engine, features, tables, batch, step, True)
 
-        # Pooling's vjp outside the loss: the sum/mean tables pool from the table rows.
-        emb, pool_vjp = engine.pool_vjp(tables, lk, feats, task.embedding_dtype)
+        # Pooling's vjp outside the loss: the sum/mean tables pool from the table rows,
+        # and (one micro-batch) their gradients stay segment sums that the sparse update
+        # adds up where it writes each row.
+        emb, pool_vjp = engine.pool_vjp(tables, lk, feats, task.embedding_dtype, segments=accum_steps == 1)
 
         def loss_fn(p, emb):
             logits = task.logits(p, emb, feats)
@@ -130,7 +132,9 @@ def make_train_step(task: Task, engine: EmbeddingEngine, features, dense_tx: opt
             g_sum = jax.tree.map(lambda g: g * w, g_params) if g_sum is None else jax.tree.map(
                 lambda a, g: a + g * w, g_sum, g_params)
             loss_sum, live_sum = loss_sum + loss * w, live_sum + live
-            sparse = accumulate(sparse, engine.sparse_grads(lk, {t: g * w for t, g in g_rows.items()}))
+            if accum_steps > 1:
+                g_rows = {t: g * w for t, g in g_rows.items()}
+            sparse = accumulate(sparse, engine.sparse_grads(lk, g_rows))
             stats = streaming.update(stats, logits, labels, mb["mask"], weights)
             lookups.append(lk)
         denom = jnp.maximum(live_sum, 1).astype(jnp.float32) if accum_steps > 1 else jnp.float32(1)
@@ -142,7 +146,9 @@ def make_train_step(task: Task, engine: EmbeddingEngine, features, dense_tx: opt
         keep = lambda new, old: jnp.where(skip, old, new)  # noqa: E731
         params = jax.tree.map(keep, new_params, state.params)
         opt_state = jax.tree.map(keep, new_opt, state.opt_state)
-        sparse = {p: g._replace(grads=g.grads / denom, mask=g.mask & ~skip) for p, g in sparse.items()}
+        if accum_steps > 1:
+            sparse = {p: g._replace(grads=g.grads / denom) for p, g in sparse.items()}
+        sparse = {p: g._replace(mask=g.mask & ~skip) for p, g in sparse.items()}
         tables, upd = engine.apply_sparse(tables, sparse, sparse_opt, lr_step=state.step.astype(jnp.float32))
         # An overflowed step keeps its inserts out (find_or_insert wrote nothing) and
         # its metrics out of the running stats.
