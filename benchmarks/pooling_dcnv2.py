@@ -81,7 +81,7 @@ def main() -> None:
 
     if a.update_only:
         bwd_update(res, b, hot, u, interpret)
-        print(res["us"])
+        write(res, a.out, "pooling_dcnv2_update", n, b, "--update-only")
         return
     x = jnp.ones((n, DIM // 4), jnp.float32)
     timed("copy", lambda x: x + 1, x)
@@ -120,15 +120,20 @@ def main() -> None:
     want = jax.jit(lambda r, s, i: sgs(r, s, i))(rows, splits, u.inverse)
     res["max_abs_diff_pool_unique_vs_one_call"] = float(jnp.max(jnp.abs(got - want)))
 
+    write(res, a.out, "pooling_dcnv2", n, b)
+
+
+def write(res, out, stem, n, b, flags=""):
     tag = (res["env"].get("gpu_name") or "cpu").split()[-1].lower()
-    out = pathlib.Path(a.out)
-    common.write_json(out / f"pooling_dcnv2_{tag}.json", res)
+    out = pathlib.Path(out)
+    common.write_json(out / f"{stem}_{tag}.json", res)
     rows_md = [{"variant": k, "us": v} for k, v in res["us"].items()]
-    (out / f"pooling_dcnv2_{tag}.md").write_text(
+    (out / f"{stem}_{tag}.md").write_text(
         f"# Pooling at the DLRM-dcnv2 shape ({res['env'].get('gpu_name', 'cpu')})\n\n"
-        f"{res['env']['date_utc']}; jax {res['env']['versions']['jax']}; `python benchmarks/pooling_dcnv2.py`; "
-        f"{n:,} lanes, {res['unique']:,} unique rows, dim {DIM}, batch {b}; GPU busy microseconds per call; "
-        f"copy {res.get('copy_GBps')} GB/s.\n\n" + common.md_table(rows_md, ["variant", "us"]) + "\n")
+        f"{res['env']['date_utc']}; jax {res['env']['versions']['jax']}; `python benchmarks/pooling_dcnv2.py"
+        f"{' ' + flags if flags else ''}`; {n:,} lanes, {res['unique']:,} unique rows, dim {DIM}, batch {b}; GPU "
+        f"{'kernel' if flags else 'busy'} microseconds per call; copy {res.get('copy_GBps')} GB/s.\n\n"
+        + common.md_table(rows_md, ["variant", "us"]) + "\n")
 
 
 def _rowwise_adagrad(p, s, g, lr, t):

@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.sparse_update import SegmentGrads
 from recis_jax.embedding import hashtable as ht
 from recis_jax.embedding.dedup import Unique, sorted_segment_sum, unique_keys
 from recis_jax.embedding.eviction import EvictionPolicy, maybe_evict
 from recis_jax.embedding.initializers import Initializer
-from pallas_kernels.sparse_update import SegmentGrads
 from recis_jax.embedding.pooling import COMBINERS, expand, materialize, mean_of_sum, pool, pool_unique_segments
 from recis_jax.features.functional import table_id_pairs
 from recis_jax.ragged import Ragged
