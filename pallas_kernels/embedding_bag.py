@@ -31,6 +31,9 @@ Kernel design (jax 0.11.2, Pallas-Triton), deterministic (no float atomics):
   second kernel (one program per long segment) adds them up in slot order.
 * The plan (which slots belong to which long segment) is a few O(S + C / L) integer
   ops in XLA: lengths, an exclusive cumsum, a scatter and a cummax.
+* `piece_lanes`, `piece_sums`, `store_partials`, `combine_sum` and `plan` are the
+  kernels' parts; `pallas_kernels.sparse_update` builds its fused backward-and-update
+  from them (the row's sum goes to the optimizer's row math instead of the output).
 * Loads and stores are masked gathers/scatters with full integer indexers (lanes past a
   piece's end move no data; no partial blocks). A masked store's dead lanes point at
   distinct out-of-range rows, because interpret mode implements a masked store as a

@@ -226,8 +226,9 @@ class TestSegmentGradsUpdate:
         opt = optim.make("sgd", **CASES["sgd"])
         emb, slots = random_state(np.random.default_rng(0), opt)
         sg = su.SegmentGrads(jnp.zeros((4, DIM)), jnp.zeros(U, jnp.int32), jnp.zeros(3, jnp.int32))
-        with pytest.raises(ValueError, match="splits must be"):
-            opt.apply(emb, slots, jnp.zeros(U, jnp.int32), sg, jnp.ones(U, bool), jnp.int32(1), impl=impl)
+        for i in ("reference", impl):
+            with pytest.raises(ValueError, match="splits must be"):
+                opt.apply(emb, slots, jnp.zeros(U, jnp.int32), sg, jnp.ones(U, bool), jnp.int32(1), impl=i)
 
 
 def test_non_pow2_dim_and_empty_fall_back():
