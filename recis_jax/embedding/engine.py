@@ -153,7 +153,7 @@ def accumulate(a: dict[str, SparseGrad] | None, b: dict[str, SparseGrad]) -> dic
     out = {}
     for p in b:
         rows = jnp.concatenate([a[p].rows, b[p].rows])
-        grads = jnp.concatenate([_dense(a[p].grads), _dense(b[p].grads)])
+        grads = jnp.concatenate([materialize(a[p].grads), materialize(b[p].grads)])
         mask = jnp.concatenate([a[p].mask, b[p].mask])
         u = unique_keys(jnp.zeros_like(rows), rows.astype(jnp.int64), mask)
         summed = sorted_segment_sum(grads[u.order], u.sorted_segment, rows.shape[0])
@@ -319,7 +319,7 @@ class EmbeddingEngine:
             grads = {}
             for pname, (names, back) in backs.items():
                 g = back({f: g_out[f] for f in names})
-                grads[pname] = g if segments or not isinstance(g, SegmentGrads) else materialize(g)
+                grads[pname] = g if segments else materialize(g)
             return (grads,)
 
         return out, vjp
@@ -430,11 +430,6 @@ class EmbeddingEngine:
 def stream_id(table_name: str) -> int:
     """A stable 31-bit id of a logical table's name: its rows' initializer stream."""
     return zlib.crc32(table_name.encode()) & 0x7FFFFFFF
-
-
-def _dense(g):
-    """A gradient as its [K, dim] array."""
-    return materialize(g) if isinstance(g, SegmentGrads) else g
 
 
 def _f32(g):

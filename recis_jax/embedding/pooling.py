@@ -24,7 +24,7 @@ import numpy as np
 
 from pallas_kernels import dispatch
 from pallas_kernels import embedding_bag as eb
-from pallas_kernels.sparse_update import SegmentGrads
+from pallas_kernels.sparse_update import SegmentGrads, as_array
 from recis_jax.embedding.dedup import sorted_segment_sum
 
 COMBINERS = ("sum", "mean", "tile", "none")
@@ -287,10 +287,10 @@ def _segments(layout, weights, bag, order, unique_splits, gs) -> SegmentGrads:
     return SegmentGrads(g, unique_splits, bag[order], None if weights is None else weights[order])
 
 
-def materialize(seg: SegmentGrads) -> jax.Array:
-    """The [U, dim] float32 gradients of SegmentGrads, with the kernel where the expand
-    backward takes it (KERNEL_OPS)."""
-    return seg.materialize(_kernel_impl("expand_bwd") or "reference")
+def materialize(grads: SegmentGrads | jax.Array) -> jax.Array:
+    """Row gradients as their [U, dim] array: SegmentGrads summed (float32) with the
+    kernel where the expand backward takes it (KERNEL_OPS); an array as it is."""
+    return as_array(grads, _kernel_impl("expand_bwd") or "reference")
 
 
 def _pool_unique_bwd(layout, res, gs):
