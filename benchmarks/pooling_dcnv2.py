@@ -149,7 +149,7 @@ def bwd_update(res, b, hot, u, interpret):
     the named kernels' medians; the table is not donated, so XLA copies it per call)."""
     n, nf = u.order.shape[0], len(hot)
     num_unique = int(u.num_unique)
-    r = 8_000_000 if n > 1_000_000 else 4 * n
+    r = 16_000_000 if n > 1_000_000 else 4 * n  # more rows than lanes: every lane a distinct row
     table = jnp.zeros((r, DIM), jnp.float32)
     slots = {"acc": jnp.full((r,), 0.1, jnp.float32)}
     row_ids = jnp.asarray(np.random.default_rng(1).permutation(r)[:n].astype(np.int32))

@@ -189,12 +189,14 @@ class _Pieces(NamedTuple):
     b: jax.Array      # [G] one past its last item
 
 
-def piece_lanes(splits_ref, slot_seg_ref, xoff_ref, *, num_seg, num_slots, config) -> _Pieces:
-    """The pieces of this program's G lanes: the first S lanes are the segments' first
-    pieces, the next X the further pieces of long segments (their slots)."""
+def piece_lanes(splits_ref, slot_seg_ref, xoff_ref, lane0, *, num_seg, num_slots, config) -> _Pieces:
+    """The pieces of the G lanes from lane0 (the program's first, `pl.program_id(0) * G`,
+    read by the caller: interpret mode has no program id inside a `pl.when`): the first
+    S lanes are the segments' first pieces, the next X the further pieces of long
+    segments (their slots)."""
     g, big_l = config.lanes, config.piece
     s, x_cap = num_seg, num_slots
-    lane = pl.program_id(0) * g + lax.broadcasted_iota(jnp.int32, (g,), 0)       # [G]
+    lane = lane0 + lax.broadcasted_iota(jnp.int32, (g,), 0)                       # [G]
     is_seg = lane < s
     x = jnp.clip(lane - s, 0, x_cap - 1)
     seg = jnp.where(is_seg, lane, slot_seg_ref[x])                                # [G]
@@ -278,7 +280,8 @@ def _piece_kernel(*refs, num_seg, num_slots, config, has_idx, has_w, mean, has_o
     out_ref, part_ref = next(it), next(it)
     pw_ref = next(it) if mean else None
 
-    pieces = piece_lanes(splits_ref, slot_seg_ref, xoff_ref, num_seg=num_seg, num_slots=num_slots, config=config)
+    pieces = piece_lanes(splits_ref, slot_seg_ref, xoff_ref, pl.program_id(0) * config.lanes, num_seg=num_seg,
+                         num_slots=num_slots, config=config)
     acc, wacc = piece_sums(pieces, idx_ref, w_ref, src_ref, config=config, mean=mean)
     final = acc
     if mean:
@@ -316,12 +319,11 @@ def _store_rows(ref, rows, val, mask):
     plgpu.store(ref.at[r, jnp.minimum(c, d - 1)], val, mask=live)
 
 
-def combine_sum(splits_ref, slot_seg_ref, xoff_ref, part_ref, pw_ref, *, num_seg, config):
-    """(acc [Dp] float32, wacc, segc, lead) of this program's slot x: where x is the first
-    slot of a long segment (lead), the sum of that segment's partial rows in slot order
-    (and of its partial weights with pw_ref); zeros elsewhere."""
+def combine_sum(splits_ref, slot_seg_ref, xoff_ref, part_ref, pw_ref, x, *, num_seg, config):
+    """(acc [Dp] float32, wacc, segc, lead) of slot x (the program's, read by the caller):
+    where x is the first slot of a long segment (lead), the sum of that segment's partial
+    rows in slot order (and of its partial weights with pw_ref); zeros elsewhere."""
     k2, big_l = config.combine_rows, config.piece
-    x = pl.program_id(0)
     seg = slot_seg_ref[x]
     segc = jnp.clip(seg, 0, num_seg - 1)
     s0 = splits_ref[segc]
@@ -362,8 +364,8 @@ def _combine_kernel(*refs, num_seg, num_slots, config, mean, has_out_rows):
     _out_in = next(it)  # aliased with out_ref
     out_ref = next(it)
 
-    acc, wacc, segc, lead = combine_sum(splits_ref, slot_seg_ref, xoff_ref, part_ref, pw_ref, num_seg=num_seg,
-                                        config=config)
+    acc, wacc, segc, lead = combine_sum(splits_ref, slot_seg_ref, xoff_ref, part_ref, pw_ref, pl.program_id(0),
+                                        num_seg=num_seg, config=config)
     d = part_ref.shape[1]
     if mean:
         acc = jnp.where(wacc != 0, acc / jnp.where(wacc == 0, _F1, wacc), _F0)
@@ -377,6 +379,18 @@ def _combine_kernel(*refs, num_seg, num_slots, config, mean, has_out_rows):
         _store_rows(out_ref, jnp.reshape(dst, (1,)), acc[None].astype(out_ref.dtype), jnp.reshape(lead, (1,)))
 
 
+def _slots_per_segment(splits: jax.Array, piece: int) -> jax.Array:
+    """[S] int32: the pieces of each segment longer than `piece` items, 0 elsewhere."""
+    n = jnp.maximum(splits[1:] - splits[:-1], 0)
+    npieces = jnp.maximum((n + (piece - 1)) // piece, 1)
+    return jnp.where(npieces > 1, npieces, 0).astype(jnp.int32)
+
+
+def used_slots(splits: jax.Array, piece: int) -> jax.Array:
+    """int32 scalar: the slots `plan` gives out (slots from there on are unused)."""
+    return jnp.sum(_slots_per_segment(splits, piece), dtype=jnp.int32)
+
+
 def plan(splits: jax.Array, num_items: int, piece: int):
     """(slot_seg [X], xoff [S], X): the slots of long segments (more than `piece` items).
 
@@ -386,9 +400,7 @@ def plan(splits: jax.Array, num_items: int, piece: int):
     segment of n items has ceil(n / L) < 2 n / L pieces.
     """
     s = splits.shape[0] - 1
-    n = jnp.maximum(splits[1:] - splits[:-1], 0)
-    npieces = jnp.maximum((n + (piece - 1)) // piece, 1)
-    nslots = jnp.where(npieces > 1, npieces, 0).astype(jnp.int32)
+    nslots = _slots_per_segment(splits, piece)
     xoff = (jnp.cumsum(nslots, dtype=jnp.int32) - nslots).astype(jnp.int32)
     x_cap = max(1, 2 * _cdiv(num_items, piece))
     marks = jnp.full((x_cap,), -1, jnp.int32).at[jnp.where(nslots > 0, xoff, x_cap)].set(

@@ -268,46 +268,60 @@ def _segment_update_kernel(*refs, row_update, names, per_row, clip_norm, num_row
     """embedding_bag's piece kernel over the row gradients' segments: a row whose
     segment is one piece is updated here with its sum; longer ones leave partials."""
     it = iter(refs)
-    splits_ref, slot_seg_ref, xoff_ref, idx_ref = next(it), next(it), next(it), next(it)
+    bounds_ref, splits_ref, slot_seg_ref, xoff_ref, idx_ref = (next(it) for _ in range(5))
     w_ref = next(it) if has_w else None
     src_ref, rows_ref, mask_ref, lr_ref, t_ref, emb_in = (next(it) for _ in range(6))
     slot_in = {name: next(it) for name in names}
+    next(it)  # the skipped flags' zeros, aliased with skipped_out
     emb_out = next(it)
     slot_out = {name: next(it) for name in names}
     skipped_out, part_ref = next(it), next(it)
 
-    pieces = eb.piece_lanes(splits_ref, slot_seg_ref, xoff_ref, num_seg=num_seg, num_slots=num_slots, config=config)
-    acc, _ = eb.piece_sums(pieces, idx_ref, w_ref, src_ref, config=config, mean=False)
-    segc = pieces.segc
-    short = pieces.valid & ~pieces.long
-    live = short & (mask_ref[segc] != 0)
-    skipped = _apply_rows(acc, rows_ref[segc], live, lr_ref[0], t_ref[0], emb_in, slot_in, emb_out, slot_out,
-                          row_update=row_update, per_row=per_row, clip_norm=clip_norm, num_rows=num_rows)
-    local = lax.broadcasted_iota(jnp.int32, (config.lanes,), 0)
-    plgpu.store(skipped_out.at[jnp.where(short, segc, num_seg + local)], skipped.astype(jnp.int8), mask=short)
-    eb.store_partials(part_ref, pieces, acc, num_slots)
+    # Programs whose lanes are all past the last live row and the last used slot
+    # (about half of a uniform-ID dedup's lanes are padding) return at once.
+    g = config.lanes
+    lane0 = pl.program_id(0) * g
+    busy = (lane0 < bounds_ref[0]) | ((lane0 + g > num_seg) & (lane0 < num_seg + bounds_ref[1]))
+
+    @pl.when(busy)
+    def _():
+        pieces = eb.piece_lanes(splits_ref, slot_seg_ref, xoff_ref, lane0, num_seg=num_seg, num_slots=num_slots,
+                                config=config)
+        acc, _ = eb.piece_sums(pieces, idx_ref, w_ref, src_ref, config=config, mean=False)
+        segc = pieces.segc
+        short = pieces.valid & ~pieces.long
+        live = short & (mask_ref[segc] != 0)
+        skipped = _apply_rows(acc, rows_ref[segc], live, lr_ref[0], t_ref[0], emb_in, slot_in, emb_out, slot_out,
+                              row_update=row_update, per_row=per_row, clip_norm=clip_norm, num_rows=num_rows)
+        local = lax.broadcasted_iota(jnp.int32, (g,), 0)
+        plgpu.store(skipped_out.at[jnp.where(short, segc, num_seg + local)], skipped.astype(jnp.int8), mask=short)
+        eb.store_partials(part_ref, pieces, acc, num_slots)
 
 
 def _segment_update_combine_kernel(*refs, row_update, names, per_row, clip_norm, num_rows, num_seg, config):
     """One program per slot: the first slot of a long segment sums the segment's partial
-    rows and updates its row."""
+    rows and updates its row (slots past the last used one return at once)."""
     n = len(names)
-    splits_ref, slot_seg_ref, xoff_ref, part_ref, rows_ref, mask_ref, lr_ref, t_ref, emb_in = refs[:9]
-    slot_in = dict(zip(names, refs[9:9 + n]))
-    # refs[9 + n]: the skipped flags, aliased with skipped_out
-    emb_out = refs[10 + n]
-    slot_out = dict(zip(names, refs[11 + n:11 + 2 * n]))
-    skipped_out = refs[11 + 2 * n]
+    bounds_ref, splits_ref, slot_seg_ref, xoff_ref, part_ref, rows_ref, mask_ref, lr_ref, t_ref, emb_in = refs[:10]
+    slot_in = dict(zip(names, refs[10:10 + n]))
+    # refs[10 + n]: the skipped flags, aliased with skipped_out
+    emb_out = refs[11 + n]
+    slot_out = dict(zip(names, refs[12 + n:12 + 2 * n]))
+    skipped_out = refs[12 + 2 * n]
 
-    acc, _, segc, lead = eb.combine_sum(splits_ref, slot_seg_ref, xoff_ref, part_ref, None, num_seg=num_seg,
-                                        config=config)
-    lead1 = jnp.reshape(lead, (1,))
-    live = lead1 & (jnp.reshape(mask_ref[segc], (1,)) != 0)
-    skipped = _apply_rows(acc[None], jnp.reshape(rows_ref[segc], (1,)), live, lr_ref[0], t_ref[0], emb_in, slot_in,
-                          emb_out, slot_out, row_update=row_update, per_row=per_row, clip_norm=clip_norm,
-                          num_rows=num_rows)
-    plgpu.store(skipped_out.at[jnp.where(lead1, jnp.reshape(segc, (1,)), num_seg)], skipped.astype(jnp.int8),
-                mask=lead1)
+    x = pl.program_id(0)
+
+    @pl.when(x < bounds_ref[1])
+    def _():
+        acc, _, segc, lead = eb.combine_sum(splits_ref, slot_seg_ref, xoff_ref, part_ref, None, x, num_seg=num_seg,
+                                            config=config)
+        lead1 = jnp.reshape(lead, (1,))
+        live = lead1 & (jnp.reshape(mask_ref[segc], (1,)) != 0)
+        skipped = _apply_rows(acc[None], jnp.reshape(rows_ref[segc], (1,)), live, lr_ref[0], t_ref[0], emb_in,
+                              slot_in, emb_out, slot_out, row_update=row_update, per_row=per_row,
+                              clip_norm=clip_norm, num_rows=num_rows)
+        plgpu.store(skipped_out.at[jnp.where(lead1, jnp.reshape(segc, (1,)), num_seg)], skipped.astype(jnp.int8),
+                    mask=lead1)
 
 
 @functools.partial(jax.jit, static_argnames=("row_update", "clip_norm", "config", "interpret"))
@@ -322,19 +336,23 @@ def _segment_update_pallas(embedding, slots, rows, seg, mask, lr, t, *, row_upda
     lr = jnp.reshape(lr, (1,)).astype(jnp.float32)
     t = jnp.reshape(t, (1,)).astype(jnp.int32)
     rows, mask = rows.astype(jnp.int32), mask.astype(jnp.int32)
+    # [one past the last live lane, the slots in use]: the kernels skip the rest.
+    lanes = jnp.arange(u, dtype=jnp.int32)
+    bounds = jnp.stack([jnp.max(jnp.where(mask != 0, lanes + 1, 0)), eb.used_slots(splits, config.piece)])
     tables = [embedding] + [slots[k] for k in names]
     table_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tables]
     kw = dict(row_update=row_update, names=names, per_row=tuple(slots[k].ndim == 1 for k in names),
               clip_norm=clip_norm, num_rows=embedding.shape[0], num_seg=u, config=config)
-    inputs = ([splits, slot_seg, xoff, seg.idx.astype(jnp.int32)]
-              + ([seg.weights.astype(jnp.float32)] if has_w else []) + [seg.src, rows, mask, lr, t] + tables)
-    first = len(inputs) - len(tables)
+    inputs = ([bounds, splits, slot_seg, xoff, seg.idx.astype(jnp.int32)]
+              + ([seg.weights.astype(jnp.float32)] if has_w else []) + [seg.src, rows, mask, lr, t] + tables
+              + [jnp.zeros((u,), jnp.int8)])
+    first = len(inputs) - len(tables) - 1
     outs = pl.pallas_call(
         functools.partial(_segment_update_kernel, num_slots=x_cap, has_w=has_w, **kw),
         out_shape=table_shapes + [jax.ShapeDtypeStruct((u,), jnp.int8),
                                   jax.ShapeDtypeStruct((x_cap, embedding.shape[1]), jnp.float32)],
         grid=(pl.cdiv(u + x_cap, config.lanes),),
-        input_output_aliases={first + i: i for i in range(len(tables))},
+        input_output_aliases={first + i: i for i in range(len(tables) + 1)},
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps),
         interpret=interpret,
         name="segment_update_pieces",
@@ -344,11 +362,11 @@ def _segment_update_pallas(embedding, slots, rows, seg, mask, lr, t, *, row_upda
         functools.partial(_segment_update_combine_kernel, **kw),
         out_shape=table_shapes + [jax.ShapeDtypeStruct((u,), jnp.int8)],
         grid=(x_cap,),
-        input_output_aliases={8 + i: i for i in range(2 + n)},
+        input_output_aliases={9 + i: i for i in range(2 + n)},
         compiler_params=plgpu.CompilerParams(num_warps=min(config.num_warps, 4)),
         interpret=interpret,
         name="segment_update_combine",
-    )(splits, slot_seg, xoff, part, rows, mask, lr, t, *tables, skipped)
+    )(bounds, splits, slot_seg, xoff, part, rows, mask, lr, t, *tables, skipped)
     return outs[0], dict(zip(names, outs[1:1 + n])), jnp.sum(outs[-1], dtype=jnp.int32)
 
 

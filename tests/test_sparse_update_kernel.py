@@ -141,17 +141,24 @@ class TestFusedUpdate:
         assert_close(got, want)
 
 
-def random_segments(rng, dim, src_dtype, weighted, num_live=30):
+def random_segments(rng, dim, src_dtype, weighted, num_live=30, live_first=False):
     """SegmentGrads over U lanes (rows, mask as random_step's): segment lengths 0, 1, 2,
     a few tens, and long ones spread over several pieces (65, 300, and 2500 items: more
     than 32 partial rows); items pointing nowhere (-1); a NaN source row used by exactly
-    one live segment, an inf one by one padding segment."""
+    one live segment, an inf one by one padding segment. With live_first, the dedup's
+    layout: the live lanes first (the kernels skip programs past the last one), and a
+    long segment on the last padding lane."""
     rows, _, mask = random_step(rng, dim, num_live)
+    if live_first:
+        order = np.argsort(~mask, kind="stable")
+        rows, mask = rows[order], mask[order]
     lengths = rng.choice([0, 1, 1, 2, 3, 17], U)
     live = np.flatnonzero(mask)
     lengths[live[:3]] = (65, 300, 2500)
     lengths[live[3]] = 0                          # a live row without items: a zero gradient
     lengths[np.flatnonzero(~mask)[:2]] = 0        # padding
+    if live_first:
+        lengths[-1] = 300
     splits = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     c = int(splits[-1])
     n_src = 50
@@ -179,14 +186,16 @@ class TestSegmentGradsUpdate:
     """sparse_update with SegmentGrads (the fused backward-and-update) == the update on
     the materialised gradients."""
 
-    @pytest.mark.parametrize("name,dim,src_dtype,weighted", [
-        ("rowwise_adagrad", 128, jnp.bfloat16, False), ("rowwise_adagrad", 8, jnp.float32, True),
-        ("adam", 16, jnp.float32, False), ("adagrad", 8, jnp.bfloat16, True), ("sgd", 4, jnp.float32, False)])
-    def test_matches_materialized(self, impl, name, dim, src_dtype, weighted):
+    @pytest.mark.parametrize("name,dim,src_dtype,weighted,live_first", [
+        ("rowwise_adagrad", 128, jnp.bfloat16, False, False), ("rowwise_adagrad", 8, jnp.float32, True, False),
+        ("adam", 16, jnp.float32, False, False), ("adagrad", 8, jnp.bfloat16, True, False),
+        ("sgd", 4, jnp.float32, False, False), ("rowwise_adagrad", 128, jnp.bfloat16, False, True),
+        ("adam", 16, jnp.float32, True, True)])
+    def test_matches_materialized(self, impl, name, dim, src_dtype, weighted, live_first):
         rng = np.random.default_rng(dim + len(name))
         opt = optim.make(name, **CASES[name])
         emb, slots = random_state(rng, opt, dim=dim)
-        rows, sg, mask = random_segments(rng, dim, src_dtype, weighted)
+        rows, sg, mask = random_segments(rng, dim, src_dtype, weighted, live_first=live_first)
         dense = sg.materialize("reference")
         want = opt.apply(emb, slots, rows, dense, mask, jnp.int32(3), impl="reference", count_nonfinite=True)
         got = opt.apply(emb, slots, rows, sg, mask, jnp.int32(3), impl=impl, count_nonfinite=True)
