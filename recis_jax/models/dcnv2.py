@@ -69,11 +69,12 @@ class DCNv2(nn.Module):
             raise ValueError(f"bottom MLP must end at the embedding dim {d}, got {self.bottom}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         z = MLP(self.bottom, final_activation=True, name="bottom", **kw)(dense.astype(self.dtype))
-        fields = [z[:, None, :], sparse_emb.astype(self.dtype)]
+        fields = [z, sparse_emb.astype(self.dtype).reshape(b, -1)]
         for i, v in enumerate(vectors):
-            fields.append(Dense(d, name=f"vector_{i}", **kw)(
-                v.astype(self.dtype))[:, None, :])
-        x0 = jnp.concatenate(fields, axis=1).reshape(b, -1)               # [B, 27 * 128]
+            fields.append(Dense(d, name=f"vector_{i}", **kw)(v.astype(self.dtype)))
+        # Concatenated as [B, k * 128] pieces: XLA:GPU's concatenate of the [B, F, 128]
+        # form took 1.03 ms at batch 65536 on an H200, this one 0.26 ms (a copy: 0.21).
+        x0 = jnp.concatenate(fields, axis=1)                               # [B, 27 * 128]
         x = x0
         for i in range(self.num_cross):
             x = LowRankCross(self.low_rank, name=f"cross_{i}", **kw)(x0, x)
