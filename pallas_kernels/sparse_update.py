@@ -191,22 +191,31 @@ def _load_rows(ref, rows, mask):
     return plgpu.load(ref.at[r, c], mask=jnp.broadcast_to(mask[:, None], (g, d)), other=jnp.zeros((), ref.dtype))
 
 
-def _apply_rows(grad, r, live, lr, t, emb_in, slot_in, emb_out, slot_out, *, row_update, per_row, clip_norm,
-                num_rows):
-    """Updates the rows r [G] of the lanes `live` [G] with their gradients grad [G, D]
-    (float32, zeros on dead lanes) in place; returns the live lanes skipped for a
-    non-finite gradient [G] bool."""
-    bad = jnp.sum((~jnp.isfinite(grad)).astype(jnp.int32), axis=1, dtype=jnp.int32)   # [G]
-    valid = live & (bad == 0) & (r >= 0) & (r < num_rows)
-    rc = jnp.where(valid, r, 0)
-    if clip_norm is not None:
-        grad = clip_rows(grad, clip_norm)
-    p = _load_rows(emb_in, rc, valid).astype(jnp.float32)                          # [G, D]
+def _load_state(r, live, emb_in, slot_in, *, per_row, num_rows):
+    """(rc, ok, p, slot rows): the float32 rows r [G] of the embedding and the slots for
+    the lanes `live` [G] with r in range (ok; rc: r there, 0 elsewhere; other lanes move
+    no data). A kernel issues these loads before it sums the gradients: they do not
+    depend on them, so their latency overlaps the gradient's loads."""
+    ok = live & (r >= 0) & (r < num_rows)
+    rc = jnp.where(ok, r, 0)
+    p = _load_rows(emb_in, rc, ok).astype(jnp.float32)                             # [G, D]
     srows = {}
     for (name, ref), pr in zip(slot_in.items(), per_row):
-        srows[name] = plgpu.load(ref.at[rc], mask=valid, other=np.float32(0)) if pr else _load_rows(ref, rc, valid)
+        srows[name] = plgpu.load(ref.at[rc], mask=ok, other=np.float32(0)) if pr else _load_rows(ref, rc, ok)
+    return rc, ok, p, srows
+
+
+def _apply_rows(grad, state, live, lr, t, emb_out, slot_out, *, row_update, clip_norm, num_rows):
+    """Updates the rows of `state` (`_load_state`'s) with their gradients grad [G, D]
+    (float32, zeros on dead lanes) in place; returns the live lanes skipped for a
+    non-finite gradient [G] bool."""
+    rc, ok, p, srows = state
+    bad = jnp.sum((~jnp.isfinite(grad)).astype(jnp.int32), axis=1, dtype=jnp.int32)   # [G]
+    valid = ok & (bad == 0)
+    if clip_norm is not None:
+        grad = clip_rows(grad, clip_norm)
     p, srows = row_update(p, srows, grad, lr, t)
-    local = lax.broadcasted_iota(jnp.int32, r.shape, 0)
+    local = lax.broadcasted_iota(jnp.int32, rc.shape, 0)
     target = jnp.where(valid, rc, num_rows + local)   # distinct; masked ones out of range
     _store(emb_out, target, p.astype(emb_out.dtype), valid)
     for name, ref in slot_out.items():
@@ -228,9 +237,10 @@ def _update_kernel(*refs, row_update, names, per_row, clip_norm, num_rows, num_l
     live = lane_ok & (mask_ref[lc] != 0)
     # Masked loads: a dead lane (padding: about half the lanes of a uniform-ID lookup)
     # moves no gradient bytes.
+    state = _load_state(rows_ref[lc], live, emb_in, slot_in, per_row=per_row, num_rows=num_rows)
     grad = _load_rows(grad_ref, lc, live).astype(jnp.float32)                      # [G, D]
-    skipped = _apply_rows(grad, rows_ref[lc], live, lr_ref[0], t_ref[0], emb_in, slot_in, emb_out, slot_out,
-                          row_update=row_update, per_row=per_row, clip_norm=clip_norm, num_rows=num_rows)
+    skipped = _apply_rows(grad, state, live, lr_ref[0], t_ref[0], emb_out, slot_out, row_update=row_update,
+                          clip_norm=clip_norm, num_rows=num_rows)
     # Lanes past the end store to distinct out-of-range indices (masked).
     plgpu.store(skipped_out.at[lane], skipped.astype(jnp.int8), mask=lane_ok)
 
@@ -287,12 +297,13 @@ def _segment_update_kernel(*refs, row_update, names, per_row, clip_norm, num_row
     def _():
         pieces = eb.piece_lanes(splits_ref, slot_seg_ref, xoff_ref, lane0, num_seg=num_seg, num_slots=num_slots,
                                 config=config)
-        acc, _ = eb.piece_sums(pieces, idx_ref, w_ref, src_ref, config=config, mean=False)
         segc = pieces.segc
         short = pieces.valid & ~pieces.long
         live = short & (mask_ref[segc] != 0)
-        skipped = _apply_rows(acc, rows_ref[segc], live, lr_ref[0], t_ref[0], emb_in, slot_in, emb_out, slot_out,
-                              row_update=row_update, per_row=per_row, clip_norm=clip_norm, num_rows=num_rows)
+        state = _load_state(rows_ref[segc], live, emb_in, slot_in, per_row=per_row, num_rows=num_rows)
+        acc, _ = eb.piece_sums(pieces, idx_ref, w_ref, src_ref, config=config, mean=False)
+        skipped = _apply_rows(acc, state, live, lr_ref[0], t_ref[0], emb_out, slot_out, row_update=row_update,
+                              clip_norm=clip_norm, num_rows=num_rows)
         local = lax.broadcasted_iota(jnp.int32, (g,), 0)
         plgpu.store(skipped_out.at[jnp.where(short, segc, num_seg + local)], skipped.astype(jnp.int8), mask=short)
         eb.store_partials(part_ref, pieces, acc, num_slots)
@@ -317,9 +328,10 @@ def _segment_update_combine_kernel(*refs, row_update, names, per_row, clip_norm,
                                             config=config)
         lead1 = jnp.reshape(lead, (1,))
         live = lead1 & (jnp.reshape(mask_ref[segc], (1,)) != 0)
-        skipped = _apply_rows(acc[None], jnp.reshape(rows_ref[segc], (1,)), live, lr_ref[0], t_ref[0], emb_in,
-                              slot_in, emb_out, slot_out, row_update=row_update, per_row=per_row,
-                              clip_norm=clip_norm, num_rows=num_rows)
+        state = _load_state(jnp.reshape(rows_ref[segc], (1,)), live, emb_in, slot_in, per_row=per_row,
+                            num_rows=num_rows)
+        skipped = _apply_rows(acc[None], state, live, lr_ref[0], t_ref[0], emb_out, slot_out,
+                              row_update=row_update, clip_norm=clip_norm, num_rows=num_rows)
         plgpu.store(skipped_out.at[jnp.where(lead1, jnp.reshape(segc, (1,)), num_seg)], skipped.astype(jnp.int8),
                     mask=lead1)
 
