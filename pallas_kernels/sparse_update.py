@@ -384,14 +384,15 @@ def _segment_update_pallas(embedding, slots, rows, seg, mask, lr, t, *, row_upda
 
 def segment_config(dim: int, avg_items: float) -> eb.Config:
     """The fused update's launch configuration: embedding_bag's for the segments
-    (`eb.default_config`) in small programs, at most 512 elements per [G, K, dim] tile
-    and 2 warps. Latency bound (a chain of dependent loads per lane: its range, items,
-    bag rows, then the table row), it runs fastest with many small programs: the
-    DLRM-dcnv2 backward + row-wise Adagrad (14M lanes, dim 128) on an H200 took 4.39 ms
-    at 4 lanes x 2 warps, 4.72 ms at 4 x 1, 5.10 ms at 16 x 4, 6.59 ms at 64 x 4, and
-    7.12 ms as two passes (benchmarks/pooling_dcnv2.py --update-only)."""
+    (`eb.default_config`) in programs of at most 2048 elements per [G, K, dim] tile and 4
+    warps. Latency bound (a chain of dependent loads per lane: its range, items, bag
+    rows; the table row's load is issued first and overlaps them), it wants many loads
+    in flight: the DLRM-dcnv2 backward + row-wise Adagrad (14M lanes, dim 128) on an
+    H200 took 4.58 ms at 16 lanes x 4 warps, 4.93 ms at 8 x 2, 4.98 ms at 4 x 2, 5.24 ms
+    at 4 x 1, 6.10 ms at 2 x 1, and 7.92 ms as two passes (benchmarks/pooling_dcnv2.py
+    --update-only; before the table row's load was issued first, 4 x 2 was the fastest)."""
     cfg = eb.default_config(dim, avg_items)
-    return cfg._replace(lanes=max(1, min(cfg.lanes, 512 // (cfg.rows * dim))), num_warps=2)
+    return cfg._replace(lanes=max(1, min(cfg.lanes, 2048 // (cfg.rows * dim))), num_warps=4)
 
 
 def _is_pow2(v: int) -> bool:
