@@ -379,20 +379,9 @@ def _combine_kernel(*refs, num_seg, num_slots, config, mean, has_out_rows):
         _store_rows(out_ref, jnp.reshape(dst, (1,)), acc[None].astype(out_ref.dtype), jnp.reshape(lead, (1,)))
 
 
-def _slots_per_segment(splits: jax.Array, piece: int) -> jax.Array:
-    """[S] int32: the pieces of each segment longer than `piece` items, 0 elsewhere."""
-    n = jnp.maximum(splits[1:] - splits[:-1], 0)
-    npieces = jnp.maximum((n + (piece - 1)) // piece, 1)
-    return jnp.where(npieces > 1, npieces, 0).astype(jnp.int32)
-
-
-def used_slots(splits: jax.Array, piece: int) -> jax.Array:
-    """int32 scalar: the slots `plan` gives out (slots from there on are unused)."""
-    return jnp.sum(_slots_per_segment(splits, piece), dtype=jnp.int32)
-
-
 def plan(splits: jax.Array, num_items: int, piece: int):
-    """(slot_seg [X], xoff [S], X): the slots of long segments (more than `piece` items).
+    """(slot_seg [X], xoff [S], X, used): the slots of long segments (more than `piece`
+    items); used (int32 scalar) counts the slots given out, slots from there on are unused.
 
     A long segment s with np pieces owns slots xoff[s] .. xoff[s] + np - 1 (exclusive
     cumsum over long segments); slot_seg[x] is the segment owning slot x, -1 for a slot
@@ -400,13 +389,16 @@ def plan(splits: jax.Array, num_items: int, piece: int):
     segment of n items has ceil(n / L) < 2 n / L pieces.
     """
     s = splits.shape[0] - 1
-    nslots = _slots_per_segment(splits, piece)
-    xoff = (jnp.cumsum(nslots, dtype=jnp.int32) - nslots).astype(jnp.int32)
+    n = jnp.maximum(splits[1:] - splits[:-1], 0)
+    npieces = jnp.maximum((n + (piece - 1)) // piece, 1)
+    nslots = jnp.where(npieces > 1, npieces, 0).astype(jnp.int32)
+    ends = jnp.cumsum(nslots, dtype=jnp.int32)
+    xoff = (ends - nslots).astype(jnp.int32)
     x_cap = max(1, 2 * _cdiv(num_items, piece))
     marks = jnp.full((x_cap,), -1, jnp.int32).at[jnp.where(nslots > 0, xoff, x_cap)].set(
         jnp.arange(s, dtype=jnp.int32), mode="drop", unique_indices=True)
     slot_seg = lax.cummax(marks, axis=0)
-    return slot_seg, xoff, x_cap
+    return slot_seg, xoff, x_cap, ends[-1] if s else jnp.int32(0)
 
 
 @functools.partial(jax.jit, static_argnames=("mean", "config", "interpret", "num_out", "skip_empty", "dtype"))
@@ -415,7 +407,7 @@ def _segment_gather_sum_pallas(src, splits, idx, weights, out_rows=None, out=Non
     s = splits.shape[0] - 1
     c = src.shape[0] if idx is None else idx.shape[0]
     d = src.shape[1]
-    slot_seg, xoff, x_cap = plan(splits, c, config.piece)
+    slot_seg, xoff, x_cap, _ = plan(splits, c, config.piece)
     has_idx, has_w = idx is not None, weights is not None
     has_out_rows, has_out = out_rows is not None, out is not None
     m = out.shape[0] if has_out else (num_out if num_out is not None else s)

@@ -343,14 +343,14 @@ def _segment_update_pallas(embedding, slots, rows, seg, mask, lr, t, *, row_upda
     u = rows.shape[0]
     c = seg.idx.shape[0]
     splits = jnp.clip(seg.splits.astype(jnp.int32), 0, c)
-    slot_seg, xoff, x_cap = eb.plan(splits, c, config.piece)
+    slot_seg, xoff, x_cap, used = eb.plan(splits, c, config.piece)
     has_w = seg.weights is not None
     lr = jnp.reshape(lr, (1,)).astype(jnp.float32)
     t = jnp.reshape(t, (1,)).astype(jnp.int32)
     rows, mask = rows.astype(jnp.int32), mask.astype(jnp.int32)
     # [one past the last live lane, the slots in use]: the kernels skip the rest.
     lanes = jnp.arange(u, dtype=jnp.int32)
-    bounds = jnp.stack([jnp.max(jnp.where(mask != 0, lanes + 1, 0)), eb.used_slots(splits, config.piece)])
+    bounds = jnp.stack([jnp.max(jnp.where(mask != 0, lanes + 1, 0)), used])
     tables = [embedding] + [slots[k] for k in names]
     table_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tables]
     kw = dict(row_update=row_update, names=names, per_row=tuple(slots[k].ndim == 1 for k in names),
